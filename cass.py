@@ -978,10 +978,22 @@ def default_out(kind, cfg):
     return Path("runs") / f"{kind}-{cfg['data']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _ignore_sigint(_worker_id):
+    # Ctrl-C reaches every process of the terminal's group: let the main process alone handle
+    # it (finish the step, save last.pt) instead of workers dying under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, sampler, per_rank_batch, workers, rt):
     return DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
-                      pin_memory=rt.device.type == "cuda", persistent_workers=False,
-                      drop_last=False)
+                      pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None)
+
+
+def trim_log(path, epoch):
+    """On resume, drop log lines written after the checkpoint (a kill between the two writes)."""
+    if Path(path).exists():
+        keep = [line for line in open(path) if json.loads(line)["epoch"] <= epoch]
+        _atomic(path, lambda f: f.write("".join(keep).encode()))
 
 
 def cosine_schedule(optimizer, cfg):
@@ -1045,6 +1057,8 @@ def pretrain_one_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, 
         step += 1
         acc["step"] = step
         acc["loss"] += loss_value
+        acc.setdefault("loss_first", loss_value)
+        acc["loss_last"] = loss_value
         acc["std_cnn"] += output_spread(r)
         acc["std_vit"] += output_spread(t)
         acc["cos"] += float(F.cosine_similarity(r.float(), t.float(), dim=-1).mean())
@@ -1085,7 +1099,7 @@ def monitor_loaders(table, cfg, folder, rt):
     rng = np.random.default_rng(cfg["seed"])
     loaders = {}
     for split, n in (("train", cfg["monitor_size"]), ("val", cfg["monitor_size"] // 2)):
-        keys = [k for k in read_split(table, folder, split) if k in table.labels]
+        keys = [k for k in load_split(table, folder, split) if k in table.labels]
         keys = [keys[i] for i in sorted(rng.permutation(len(keys))[:n])]
         ds = ImageDataset(table, keys, cfg["img_size"])
         loaders[split] = DataLoader(ds, batch_size=256, num_workers=cfg["workers"])
@@ -1105,8 +1119,6 @@ def wrap_ddp(model, rt, sync_bn=False):
     if rt.world == 1:
         return model
     if sync_bn:
-        if rt.device.type != "cuda":
-            raise UserError("--sync-bn works on CUDA only (PyTorch's SyncBatchNorm); drop it for CPU runs")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -1122,6 +1134,8 @@ def cmd_pretrain(args):
         keep = {k: cfg[k] for k in ("resume", "device", "workers", "epochs") if args_given(args, k)}
         keep["resume"] = True
         cfg = {**resume["config"], **keep}
+    if cfg["sync_bn"] and rt.device.type != "cuda":
+        raise UserError("--sync-bn works on CUDA only (PyTorch's SyncBatchNorm); drop it for CPU runs")
     if cfg["batch_size"] % rt.world:
         raise UserError(f"--batch-size {cfg['batch_size']} (the global batch) must be divisible by the "
                         f"{rt.world} processes")
@@ -1162,6 +1176,7 @@ def cmd_pretrain(args):
         start_epoch, acc = resume["epoch"], resume["acc"]
         set_rng_state(resume["rng"])
         if rt.main:
+            trim_log(out / "log.jsonl", start_epoch)
             print(f"resuming {out} at epoch {start_epoch}, step {acc['step']}")
     ddp_cnn, ddp_vit = wrap_ddp(cnn, rt, cfg["sync_bn"]), wrap_ddp(vit, rt)
     if cfg["compile"]:
@@ -1205,7 +1220,8 @@ def cmd_pretrain(args):
                 swa_cnn.update_parameters(cnn)
                 swa_vit.update_parameters(vit)
             steps = max(acc["step"], 1)
-            record = dict(epoch=epoch + 1, loss=acc["loss"] / steps, lr=optimizer.param_groups[0]["lr"],
+            record = dict(epoch=epoch + 1, loss=acc["loss"] / steps, loss_first_step=acc.get("loss_first"),
+                          loss_last_step=acc.get("loss_last"), lr=optimizer.param_groups[0]["lr"],
                           std_cnn=acc["std_cnn"] / steps, std_vit=acc["std_vit"] / steps,
                           std_healthy=1 / math.sqrt(cfg["out_dim"]), cos_cnn_vit=acc["cos"] / steps,
                           seconds=acc["seconds"], images_per_s=acc["images"] / max(acc["seconds"], 1e-9),
@@ -1481,6 +1497,9 @@ def cmd_finetune(args):
         best_state = resume["best"]
         start_epoch, acc = resume["epoch"], resume["acc"]
         set_rng_state(resume["rng"])
+        if rt.main:
+            trim_log(out / "log.jsonl", start_epoch)
+            print(f"resuming {out} at epoch {start_epoch}, step {acc['step']}")
     headline = headline_metric(cfg["data"], table.multilabel)
     if rt.main:
         write_json(cfg, out / "args.json")

@@ -281,6 +281,8 @@ def _label_columns(path, header, rows, classes=None):
     names = header[1:]
     labels = {}
     for i, r in enumerate(rows):
+        if len(r) == len(header) and all(v == "" for v in r[1:]):
+            continue  # an unlabelled image (pretraining only)
         if len(r) != len(header) or any(v not in ("0", "1", "0.0", "1.0") for v in r[1:]):
             raise UserError(f"CSV {path}, row {i + 2}: the label columns {names[:5]} must hold 0 or 1, "
                             f"got {r[1:6]}")
@@ -668,6 +670,9 @@ def create_encoder(name, num_classes, kwargs, pretrained=False, weights=None, fl
         if weights:
             obj = load_checkpoint(weights, flag)
             if isinstance(obj, dict) and obj.get("format") == "cass-encoder":
+                if obj["model"] != name:
+                    raise UserError(f"{flag} {weights} holds a {obj['model']}, not the {name} asked for; "
+                                    f"pass --{'vit' if is_vit(name) else 'cnn'} {obj['model']}")
                 return load_encoder(obj, weights, num_classes=num_classes)
             # Any plain state_dict of this architecture (timm's own loader drops a classifier
             # whose width differs from num_classes).
@@ -1744,7 +1749,7 @@ def cmd_bench(args):
     for name, s, ips, fl in rows:
         print(f"{name:48} {s:8.3f} {ips:8.1f} {fl / 1e9:8.1f}")
     print(f"speed-up {result['speedup']:.2f}x; {flops / 1e9:.1f} GFLOP per step; peak memory {peak:.0f} MB")
-    if cfg["root"] or cfg["data"] == "digits" and args_given(args, "data"):
+    if cfg["root"] or cfg["data"] == "digits":
         data_ips = bench_data(cfg)
         result["data_images_per_s"] = data_ips
         result["bottleneck"] = "data" if data_ips < result["images_per_s"] else "step"

@@ -875,3 +875,45 @@ def test_torchrun_pretrain_matches_a_single_process_run(tmp_path):
         assert _max_difference(_state(tmp_path / "ddp" / arm), _state(tmp_path / "single" / arm)) < 2e-3
     ddp_loss = _epoch_losses(tmp_path / "ddp" / "log.jsonl")
     assert ddp_loss == pytest.approx(_epoch_losses(tmp_path / "single" / "log.jsonl"), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# later additions: unlabelled rows, encoder files of another architecture, forced collapse
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_multilabel_csv_may_leave_some_images_unlabelled(tmp_path):
+    write_folder(tmp_path / "imgs", ("x",), 12)
+    rows = [["image", "p", "q"]] + [[f"imgs/x/x_{i}.png", str(i % 2), "1"] for i in range(8)]
+    rows += [[f"imgs/x/x_{i}.png", "", ""] for i in range(8, 12)]
+    write_csv(tmp_path / "m.csv", rows)
+    table = cass.load_table("csv", tmp_path / "m.csv")
+    assert len(table.keys) == 12 and len(table.labels) == 8
+    splits = cass.make_splits(table)
+    assert {f"imgs/x/x_{i}.png" for i in range(8, 12)} <= set(splits["train"])
+
+
+def test_an_encoder_file_of_another_architecture_is_refused_and_a_matching_one_loads(tmp_path):
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=16)
+    torch.save(cass.encoder_record(model, "resnet18", {}, "cnn", {}), tmp_path / "cnn.pt")
+    with pytest.raises(cass.UserError, match="holds a resnet18"):
+        cass.create_encoder("resnet34", 16, {}, weights=tmp_path / "cnn.pt")
+    same = cass.create_encoder("resnet18", 16, {}, weights=tmp_path / "cnn.pt")
+    assert torch.equal(same.conv1.weight, model.conv1.weight)
+
+
+def test_the_monitor_reports_near_zero_spread_when_both_arms_collapse(tmp_path):
+    cnn, vit = small_pair()
+    with torch.no_grad():  # every image gets the same output: the head's bias
+        cnn.fc.weight.zero_()
+        vit.head.weight.zero_()
+    table = cass.load_table("folder", write_folder(tmp_path / "d", n=6))
+    splits = cass.make_splits(table)
+    loaders = {s: torch.utils.data.DataLoader(cass.ImageDataset(table, splits[s], 32), batch_size=8)
+               for s in ("train", "val")}
+    m = cass.monitor(cnn, vit, loaders, cass.Runtime(torch.device("cpu")))
+    assert m["val_std_cnn"] < 1e-6 and m["val_std_vit"] < 1e-6
+    healthy = cass.monitor(*small_pair(), loaders, cass.Runtime(torch.device("cpu")))
+    assert healthy["val_std_cnn"] > 100 * m["val_std_cnn"] + 1e-4

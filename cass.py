@@ -86,6 +86,7 @@ PRESETS = {
         epochs=100,  # pretraining, paper B.1.3
         lr=1e-3,  # pretraining Adam, both encoders, paper B.1.3
         ft_lr=3e-4,  # fine-tuning Adam, paper B.2.2
+        ft_batch_size=16,  # fine-tuning batch, paper B.2.2 (also in the tiny preset: few labels, more steps)
         ft_epochs=50,  # fine-tuning at most, paper 4.2
         patience=5,  # early stopping on validation loss, paper 4.2
         t_max=16,  # cosine annealing, paper B.1.3
@@ -125,6 +126,7 @@ def resolve_config(args, kind):
     if kind == "finetune":
         cfg["lr"] = args.lr if args.lr is not None else preset["ft_lr"]
         cfg["epochs"] = args.epochs if args.epochs is not None else preset["ft_epochs"]
+        cfg["batch_size"] = args.batch_size if args.batch_size is not None else preset["ft_batch_size"]
     if cfg.get("swa_start") is None and kind == "pretrain":
         cfg["swa_start"] = int(0.75 * cfg["epochs"])  # average the last quarter of the epochs
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()}
@@ -1262,7 +1264,7 @@ def cmd_pretrain(args):
 
 
 def recompute_batchnorm(swa_model, loader, rt):
-    """BatchNorm statistics of the averaged weights, from one pass over the training images."""
+    """BatchNorm statistics of the (averaged) weights, from one pass over the training images."""
     def inputs():
         for x, _ in progress(loader, "SWA BatchNorm", disable=not rt.main):
             yield normalize(x.to(rt.device), rt.channels_last)
@@ -1401,7 +1403,7 @@ def init_encoder(cfg, num_classes):
     Returns the model with a fresh `num_classes` head, its timm name and kwargs, and the arm.
     """
     init, arm = cfg["init"], cfg["arm"] or "cnn"
-    if init in ("random", "imagenet"):
+    if init in ("random", "random-bn", "imagenet"):
         name = cfg["cnn"] if arm == "cnn" else cfg["vit"]
         kw = encoder_kwargs(name, cfg["img_size"], cfg["patch_size"] if arm == "vit" else None)
         return create_encoder(name, num_classes, kw, pretrained=init == "imagenet"), name, kw, arm
@@ -1468,6 +1470,12 @@ def cmd_finetune(args):
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last and arm == "cnn"
                      else torch.contiguous_format)
     prep = image_prep(rt, model)
+    if cfg["init"] == "random-bn":
+        # The control for CASS's CNN (SPEC.md, last section): a random CNN whose BatchNorm
+        # statistics are merely re-estimated on the training images, labels unused. Any gain of
+        # CASS over this is learned; a gain over plain `random` may be recalibration alone.
+        all_train = ImageDataset(table, load_split(table, folder, "train"), size)
+        recompute_batchnorm(model, make_loader(all_train, None, cfg["batch_size"], cfg["workers"], rt), rt)
     batch = min(cfg["batch_size"], len(train_ds))
     eval_loader = {s: make_loader(d, None, cfg["batch_size"], cfg["workers"], rt) for s, d in eval_ds.items()}
     if cfg["mode"] == "linear":
@@ -1637,6 +1645,106 @@ def cmd_splits(args):
     splits = make_splits(table, args.split_seed)
     write_splits(table, splits, out)
     print(f"wrote {', '.join(f'{k} {len(v)}' for k, v in splits.items())} to {out}")
+
+
+# ------------------------------------------------------------------------------------------
+# The label-efficiency protocol (paper 5, Table 1): pretrain once, fine-tune the grid, table
+# ------------------------------------------------------------------------------------------
+
+PASS_THROUGH = ("preset", "img_size", "patch_size", "batch_size", "workers", "device", "precision", "cnn", "vit",
+                "split_seed", "cache_images", "channels_last")
+
+
+def _flags(cfg, args, keys):
+    """The flags the user gave for `keys`, as command-line words for a sub-command."""
+    words = []
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is None or value is False or (key == "channels_last" and value is True):
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else (["--no-channels-last"] if key == "channels_last" else [flag, str(value)])
+    return words
+
+
+def protocol_cells(cfg, imagenet_ok):
+    """Every (arm, init, mode, fraction, seed) of the grid, in the order they run."""
+    inits = [i for i in cfg["inits"] if i != "imagenet" or imagenet_ok]
+    for fraction in cfg["fractions"]:
+        for arm in cfg["arms"]:
+            for init in inits:
+                if init == "random-bn" and arm != "cnn":
+                    continue  # ViTs have no BatchNorm to re-estimate
+                for mode in cfg["modes"]:
+                    for seed in range(cfg["seeds"]):
+                        yield dict(arm=arm, init=init, mode=mode, fraction=fraction, seed=seed)
+
+
+def protocol_table(cells, headline):
+    """mean ± std of the test headline metric per arm, init, mode and fraction."""
+    groups = {}
+    for c in cells:
+        groups.setdefault((c["arm"], c["init"], c["mode"], c["fraction"]), []).append(c)
+    rows = []
+    for (arm, init, mode, fraction), cs in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][2], kv[0][1])):
+        values = np.array([c["test"] for c in cs])
+        rows.append(dict(arm=arm, init=init, mode=mode, fraction=fraction, n=len(cs), mean=float(values.mean()),
+                         std=float(values.std(ddof=1)) if len(cs) > 1 else 0.0,
+                         minutes=sum(c["seconds"] for c in cs) / 60))
+    lines = [f"| labels | arm | init | mode | test {headline} (mean ± std) | runs | minutes |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['fraction']:.0%} | {r['arm']} | {r['init']} | {r['mode']} | {r['mean']:.4f} ± {r['std']:.4f} | "
+              f"{r['n']} | {r['minutes']:.1f} |" for r in rows]
+    return rows, "\n".join(lines) + "\n"
+
+
+def cmd_protocol(args):
+    cfg = resolve_config(args, "pretrain")
+    out = Path(cfg["out"] or default_out("protocol", cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    data = ["--data", cfg["data"]] + (["--root", str(cfg["root"])] if cfg["root"] else [])
+    shared = data + _flags(cfg, args, PASS_THROUGH)  # what every sub-run gets
+    times = {}
+
+    # -- one CASS pretraining run (resumed if it was interrupted) ------------------------------
+    pre = out / "pretrain"
+    t0 = time.perf_counter()
+    if not (pre / "cnn.pt").exists():
+        words = ["pretrain", *shared, "--out", str(pre), "--seed", str(cfg["seed"])]
+        words += _flags(cfg, args, ("splits", "epochs", "out_dim", "swa_start", "lr"))
+        words += ["--resume"] if (pre / "last.pt").exists() else (["--overwrite"] if pre.exists() else [])
+        cmd_pretrain(parse_args(words))
+    times["pretrain_minutes"] = (time.perf_counter() - t0) / 60
+    # every cell uses the splits the pretraining run used
+    splits = ["--splits", str(pre / "splits")] if (pre / "splits").is_dir() else _flags(cfg, args, ("splits",))
+    imagenet_ok = "imagenet" in cfg["inits"] and _hub_reachable()
+
+    # -- the grid of fine-tuning runs; finished cells are not rerun -----------------------------
+    finished = []
+    cells = list(protocol_cells(cfg, imagenet_ok))
+    for i, c in enumerate(cells):
+        name = f"{c['arm']}-{c['init']}-{c['mode']}-{c['fraction']:g}-seed{c['seed']}"
+        cell = out / "cells" / name
+        if not (cell / "metrics.json").exists():
+            print(f"[{i + 1}/{len(cells)}] {name}", flush=True)
+            init = str(pre) if c["init"] == "cass" else c["init"]
+            words = ["finetune", *shared, *splits, "--init", init, "--arm", c["arm"], "--mode", c["mode"],
+                     "--label-fraction", str(c["fraction"]), "--seed", str(c["seed"]), "--out", str(cell)]
+            epochs = cfg["ft_epochs_full"] if c["fraction"] == 1.0 and cfg["ft_epochs_full"] else cfg["ft_epochs_grid"]
+            words += ["--epochs", str(epochs)] if epochs else []
+            words += ["--resume"] if (cell / "last.pt").exists() else (["--overwrite"] if cell.exists() else [])
+            t0 = time.perf_counter()
+            cmd_finetune(parse_args(words))
+            write_json(dict(seconds=time.perf_counter() - t0), cell / "wall.json")
+        metrics = json.load(open(cell / "metrics.json"))
+        seconds = json.load(open(cell / "wall.json"))["seconds"] if (cell / "wall.json").exists() else 0.0
+        finished.append(dict(c, test=metrics["test"][metrics["headline"]], seconds=seconds))
+    headline = headline_metric(cfg["data"], False)
+    rows, markdown = protocol_table(finished, headline)
+    write_json(dict(headline=headline, rows=rows, cells=finished, config=cfg, **times), out / "table.json")
+    _atomic(out / "table.md", lambda f: f.write(markdown.encode()))
+    print(markdown)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -1829,7 +1937,9 @@ def build_parser():
 
     p = sub.add_parser("finetune", help="fine-tune one arm on a fraction of the labels (or a baseline)")
     add_common(p, "finetune")
-    p.add_argument("--init", help="a pretrain run folder, its cnn.pt / vit.pt, imagenet or random")
+    p.add_argument("--init", help="a pretrain run folder, its cnn.pt / vit.pt, imagenet, random, or random-bn "
+                                  "(random with BatchNorm statistics re-estimated on the training images: the "
+                                  "control that tells learning from recalibration)")
     p.add_argument("--arm", choices=["cnn", "vit"], help="which encoder to fine-tune (from the file when one is given)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="1.0, 0.1 or 0.01 of the training labels")
     p.add_argument("--mode", default="full", choices=["full", "linear"],
@@ -1851,6 +1961,22 @@ def build_parser():
     p.add_argument("--workers", type=int)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("protocol", help="the paper's label-efficiency grid: pretrain once, fine-tune every cell, "
+                                         "write a table (resumable)")
+    add_common(p, "protocol")
+    p.add_argument("--out-dim", type=int, help="width of both heads")
+    p.add_argument("--swa-start", type=int, help="as for pretrain")
+    p.add_argument("--arms", nargs="+", default=["cnn", "vit"], choices=["cnn", "vit"])
+    p.add_argument("--inits", nargs="+", default=["cass", "random", "random-bn", "imagenet"],
+                   choices=["cass", "random", "random-bn", "imagenet"],
+                   help="imagenet runs only where the weights can be loaded; random-bn only for the CNN")
+    p.add_argument("--modes", nargs="+", default=["full", "linear"], choices=["full", "linear"])
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
+    p.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per cell (paper B.1.1: 5)")
+    p.add_argument("--ft-epochs-grid", type=int, help="fine-tuning epochs at most (default: the preset's)")
+    p.add_argument("--ft-epochs-full", type=int, help="fine-tuning epochs at most with 100%% of the labels")
+    p.set_defaults(func=cmd_protocol, sched_unit="epoch", monitor_every=1, monitor_size=500, sync_bn=False)
+
     p = sub.add_parser("bench", help="time the pretraining step against the plain one (and the data pipeline)")
     add_common(p, "bench")
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
@@ -1870,12 +1996,18 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def parse_args(argv):
+    """The parsed command line; flags another sub-command has are None, so every cfg has every key."""
+    args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)
     for key in ("swa_start", "monitor_every", "monitor_size", "patience", "sync_bn", "grad_checkpointing",
                 "label_fraction", "init", "arm", "mode", "class_weights", "out_dim"):
         if not hasattr(args, key):
             setattr(args, key, None)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         args.func(args)
     except UserError as e:

@@ -917,3 +917,29 @@ def test_the_monitor_reports_near_zero_spread_when_both_arms_collapse(tmp_path):
     assert m["val_std_cnn"] < 1e-6 and m["val_std_vit"] < 1e-6
     healthy = cass.monitor(*small_pair(), loaders, cass.Runtime(torch.device("cpu")))
     assert healthy["val_std_cnn"] > 100 * m["val_std_cnn"] + 1e-4
+
+
+def test_random_bn_control_reestimates_batchnorm_statistics_on_the_training_images(tmp_path):
+    root = write_folder(tmp_path / "d", n=8)
+    common = [*FINETUNE, "--data", "folder", "--root", str(root), "--splits", "auto", "--mode", "linear",
+              "--epochs", "1", "--arm", "cnn"]
+    assert cass.main([*common, "--init", "random", "--out", str(tmp_path / "r")]) == 0
+    assert cass.main([*common, "--init", "random-bn", "--out", str(tmp_path / "bn")]) == 0
+    plain, recal = _state(tmp_path / "r" / "best.pt"), _state(tmp_path / "bn" / "best.pt")
+    assert torch.equal(plain["conv1.weight"], recal["conv1.weight"])  # the same random weights
+    assert torch.equal(plain["bn1.running_mean"], torch.zeros_like(plain["bn1.running_mean"]))
+    assert recal["bn1.running_mean"].abs().sum() > 0  # statistics of the images
+
+
+def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", n=10)
+    args = ["protocol", *TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--epochs", "1",
+            "--arms", "cnn", "--inits", "cass", "random", "random-bn", "--modes", "linear", "--fractions", "1.0",
+            "--seeds", "2", "--ft-epochs-grid", "1", "--out", tmp_path / "p"]
+    code, out = cli(args, capsys)
+    assert code == 0, out
+    table = json.load(open(tmp_path / "p" / "table.json"))
+    assert {(r["init"], r["n"]) for r in table["rows"]} == {("cass", 2), ("random", 2), ("random-bn", 2)}
+    assert "| 100% | cnn | cass | linear |" in (tmp_path / "p" / "table.md").read_text()
+    code, out = cli(args, capsys)  # everything finished: nothing is trained again
+    assert code == 0 and "[1/6]" not in out and "fine-tuning" not in out, out

@@ -996,6 +996,34 @@ def make_loader(dataset, sampler, per_rank_batch, workers, rt):
                       pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None)
 
 
+def restore(objects, saved, out, rt):
+    """Load every state_dict of a resumed run, its RNG states and where it stopped."""
+    for name, obj in objects.items():
+        obj.load_state_dict(saved[name])
+    set_rng_state(saved["rng"])
+    if rt.main:
+        trim_log(out / "log.jsonl", saved["epoch"])
+        print(f"resuming {out} at epoch {saved['epoch']}, step {saved['acc']['step']}")
+    return saved["epoch"], saved["acc"]
+
+
+def save_run(objects, path, **extra):
+    """last.pt: every state_dict, the RNG states, the epoch and step reached, the config."""
+    save_checkpoint(dict(format="cass-run", rng=rng_state(), **extra,
+                         **{name: obj.state_dict() for name, obj in objects.items()}), path)
+
+
+def interrupted(out, epoch, step=None):
+    where = f"at epoch {epoch}, step {step}" if step is not None else f"after epoch {epoch}"
+    return UserError(f"interrupted {where}; saved {out}/last.pt; continue with the same command plus "
+                     f"--resume --out {out}")
+
+
+def diverged(error, out, lr):
+    return UserError(f"{error}; stopped without saving, so {out}/last.pt still holds the last good state; "
+                     f"try a lower --lr (now {lr:g})")
+
+
 def trim_log(path, epoch):
     """On resume, drop log lines written after the checkpoint (a kill between the two writes)."""
     if Path(path).exists():
@@ -1171,20 +1199,12 @@ def cmd_pretrain(args):
     scaler = rt.scaler()
     swa_cnn = torch.optim.swa_utils.AveragedModel(cnn)
     swa_vit = torch.optim.swa_utils.AveragedModel(vit)
-    start_epoch, acc = 0, new_accumulators()
-    if resume is not None:
-        cnn.load_state_dict(resume["cnn"])
-        vit.load_state_dict(resume["vit"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        swa_cnn.load_state_dict(resume["swa_cnn"])
-        swa_vit.load_state_dict(resume["swa_vit"])
-        start_epoch, acc = resume["epoch"], resume["acc"]
-        set_rng_state(resume["rng"])
-        if rt.main:
-            trim_log(out / "log.jsonl", start_epoch)
-            print(f"resuming {out} at epoch {start_epoch}, step {acc['step']}")
+    objects = dict(cnn=cnn, vit=vit, optimizer=optimizer, scheduler=scheduler, scaler=scaler, swa_cnn=swa_cnn,
+                   swa_vit=swa_vit)
+    start_epoch, acc = restore(objects, resume, out, rt) if resume is not None else (0, new_accumulators())
+    if cfg["grad_checkpointing"]:  # recompute activations in the backward pass: larger batches fit
+        cnn.set_grad_checkpointing(True)
+        vit.set_grad_checkpointing(True)
     ddp_cnn, ddp_vit = wrap_ddp(cnn, rt, cfg["sync_bn"]), wrap_ddp(vit, rt)
     if cfg["compile"]:
         ddp_cnn, ddp_vit = torch.compile(ddp_cnn), torch.compile(ddp_vit)
@@ -1201,11 +1221,7 @@ def cmd_pretrain(args):
 
     def checkpoint(epoch, acc):
         if rt.main:
-            save_checkpoint(dict(format="cass-run", kind="pretrain", epoch=epoch, acc=acc, config=cfg,
-                                 cnn=cnn.state_dict(), vit=vit.state_dict(), optimizer=optimizer.state_dict(),
-                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                 swa_cnn=swa_cnn.state_dict(), swa_vit=swa_vit.state_dict(), rng=rng_state()),
-                            out / "last.pt")
+            save_run(objects, out / "last.pt", kind="pretrain", epoch=epoch, acc=acc, config=cfg)
 
     # -- the loop --------------------------------------------------------------------------------
     with StopRequest() as stop:
@@ -1215,12 +1231,10 @@ def cmd_pretrain(args):
                 acc = pretrain_one_epoch(ddp_cnn, ddp_vit, loader, optimizer, scaler, scheduler, rt, cfg,
                                          epoch, acc, stop)
             except NonFiniteLoss as e:
-                raise UserError(f"{e}; stopped without saving, so {out}/last.pt still holds the last good "
-                                f"state; try a lower --lr (now {cfg['lr']:g})") from None
+                raise diverged(e, out, cfg["lr"]) from None
             if stop.requested and acc["step"] < sampler.steps():
                 checkpoint(epoch, acc)
-                raise UserError(f"interrupted at epoch {epoch}, step {acc['step']}; saved {out}/last.pt; "
-                                f"continue with the same command plus --resume --out {out}")
+                raise interrupted(out, epoch, acc["step"])
             if cfg["sched_unit"] == "epoch":
                 scheduler.step()
             if epoch >= cfg["swa_start"]:
@@ -1243,8 +1257,7 @@ def cmd_pretrain(args):
                 print(_format_epoch(record, cfg["epochs"]))
             checkpoint(epoch + 1, acc)
             if stop.requested and epoch + 1 < cfg["epochs"]:
-                raise UserError(f"interrupted after epoch {epoch + 1}; saved {out}/last.pt; continue with the "
-                                f"same command plus --resume --out {out}")
+                raise interrupted(out, epoch + 1)
 
     # -- the averaged encoders are the result ---------------------------------------------------
     if rt.main:
@@ -1500,19 +1513,11 @@ def cmd_finetune(args):
     scaler = rt.scaler()
     stopper = EarlyStopping(cfg["patience"])
     best_state = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
-    start_epoch, acc = 0, new_accumulators()
+    objects = dict(trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                   early_stopping=stopper)
+    start_epoch, acc = restore(objects, resume, out, rt) if resume is not None else (0, new_accumulators())
     if resume is not None:
-        trainable.load_state_dict(resume["trainable"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        stopper.load_state_dict(resume["early_stopping"])
         best_state = resume["best"]
-        start_epoch, acc = resume["epoch"], resume["acc"]
-        set_rng_state(resume["rng"])
-        if rt.main:
-            trim_log(out / "log.jsonl", start_epoch)
-            print(f"resuming {out} at epoch {start_epoch}, step {acc['step']}")
     headline = headline_metric(cfg["data"], table.multilabel)
     if rt.main:
         write_json(cfg, out / "args.json")
@@ -1521,11 +1526,7 @@ def cmd_finetune(args):
 
     def checkpoint(epoch, acc):
         if rt.main:
-            save_checkpoint(dict(format="cass-run", kind="finetune", epoch=epoch, acc=acc, config=cfg,
-                                 trainable=trainable.state_dict(), optimizer=optimizer.state_dict(),
-                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                 early_stopping=stopper.state_dict(), best=best_state, rng=rng_state()),
-                            out / "last.pt")
+            save_run(objects, out / "last.pt", kind="finetune", epoch=epoch, acc=acc, config=cfg, best=best_state)
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, cfg["epochs"]):
@@ -1536,12 +1537,10 @@ def cmd_finetune(args):
                 acc = train_one_epoch(trainable, train_loader, optimizer, scaler, weights, rt, train_prep, acc,
                                       stop, epoch)
             except NonFiniteLoss as e:
-                raise UserError(f"{e}; stopped without saving, so {out}/last.pt still holds the last good "
-                                f"state; try a lower --lr (now {cfg['lr']:g})") from None
+                raise diverged(e, out, cfg["lr"]) from None
             if stop.requested and acc["step"] < sampler.steps():
                 checkpoint(epoch, acc)
-                raise UserError(f"interrupted at epoch {epoch}, step {acc['step']}; saved {out}/last.pt; "
-                                f"continue with the same command plus --resume --out {out}")
+                raise interrupted(out, epoch, acc["step"])
             scheduler.step()  # per epoch, as in pretraining
             val = evaluate(trainable, eval_loader["val"], rt, train_prep, weights, table.multilabel, table.classes)
             if stopper.step(val["loss"], epoch + 1):
@@ -1559,8 +1558,7 @@ def cmd_finetune(args):
                       f"{record['images_per_s']:.1f} img/s{'  *best' if stopper.best_epoch == epoch + 1 else ''}")
             checkpoint(epoch + 1, acc)
             if stop.requested and epoch + 1 < cfg["epochs"]:
-                raise UserError(f"interrupted after epoch {epoch + 1}; saved {out}/last.pt; continue with the "
-                                f"same command plus --resume --out {out}")
+                raise interrupted(out, epoch + 1)
 
     # -- the best epoch's weights, evaluated as `evaluate` will -----------------------------------
     trainable.load_state_dict(best_state)
@@ -1930,6 +1928,8 @@ def build_parser():
     p.add_argument("--sched-unit", default="epoch", choices=["epoch", "step"],
                    help="the cosine schedule moves once per epoch (default) or per step (as the notebooks do)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm for the CNN under DDP")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass, to fit larger batches")
     p.add_argument("--monitor-every", type=int, default=1,
                    help="k-NN and collapse monitor every N epochs (0: off); needs labels")
     p.add_argument("--monitor-size", type=int, default=500, help="training images in the k-NN monitor's bank")

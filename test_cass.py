@@ -943,3 +943,18 @@ def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells
     assert "| 100% | cnn | cass | linear |" in (tmp_path / "p" / "table.md").read_text()
     code, out = cli(args, capsys)  # everything finished: nothing is trained again
     assert code == 0 and "[1/6]" not in out and "fine-tuning" not in out, out
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    x = cass.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    grads = []
+    for checkpointing in (False, True):
+        cnn, vit = small_pair()
+        cnn.set_grad_checkpointing(checkpointing)
+        vit.set_grad_checkpointing(checkpointing)
+        loss = cass.cass_loss(cnn(x), vit(x))
+        loss.backward()
+        grads.append((float(loss), cnn.conv1.weight.grad.clone(), vit.patch_embed.proj.weight.grad.clone()))
+    (l0, c0, v0), (l1, c1, v1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    assert torch.allclose(c0, c1, rtol=1e-4, atol=1e-6) and torch.allclose(v0, v1, rtol=1e-4, atol=1e-6)

@@ -127,6 +127,8 @@ def resolve_config(args, kind):
         cfg["lr"] = args.lr if args.lr is not None else preset["ft_lr"]
         cfg["epochs"] = args.epochs if args.epochs is not None else preset["ft_epochs"]
         cfg["batch_size"] = args.batch_size if args.batch_size is not None else preset["ft_batch_size"]
+    if args.workers is None:  # the preset's workers, but never more than this machine's cores
+        cfg["workers"] = min(cfg["workers"], os.cpu_count() or 1)
     if cfg.get("swa_start") is None and kind == "pretrain":
         cfg["swa_start"] = int(0.75 * cfg["epochs"])  # average the last quarter of the epochs
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()}

@@ -1055,6 +1055,18 @@ class NonFiniteLoss(Exception):
 # ------------------------------------------------------------------------------------------
 
 
+def global_mean(loss, rt, sharded=True):
+    """The loss of the whole global batch (the mean over DDP processes), as a Python float.
+
+    Every process gets the same value, so all of them stop together on a non-finite loss.
+    """
+    if sharded and rt.world > 1:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= rt.world
+    return float(loss)
+
+
 def pretrain_step(cnn, vit, x, optimizer, scaler, rt):
     """One CASS step. x: uint8 [B, 3, H, W] on the device. Returns the loss and both outputs."""
     optimizer.zero_grad(set_to_none=True)  # the notebooks never do this (SPEC bug 1)
@@ -1084,11 +1096,7 @@ def pretrain_one_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, 
         loss, r, t = pretrain_step(cnn, vit, x, optimizer, scaler, rt)
         if cfg["sched_unit"] == "step":
             scheduler.step()
-        if rt.world > 1:  # log the global batch's loss, not this rank's share
-            loss = loss.clone()
-            dist.all_reduce(loss)
-            loss /= rt.world
-        loss_value = float(loss)  # one sync per step; needed for the non-finite check
+        loss_value = global_mean(loss, rt)  # one sync per step; needed for the non-finite check
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"the loss became {loss_value} at epoch {epoch}, step {step}")
         step += 1
@@ -1367,15 +1375,16 @@ def supervised_step(model, x, y, optimizer, scaler, weights, rt, prep):
 def train_one_epoch(model, loader, optimizer, scaler, weights, rt, prep, acc, stop, epoch=0):
     """One (or the rest of one) fine-tuning epoch; returns the running accumulators."""
     model.train()
+    sharded = isinstance(model, nn.parallel.DistributedDataParallel)
     t0 = time.perf_counter()
     for x, y in progress(loader, f"epoch {epoch}", disable=not rt.main):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        loss = float(supervised_step(model, x, y, optimizer, scaler, weights, rt, prep))
+        loss = global_mean(supervised_step(model, x, y, optimizer, scaler, weights, rt, prep), rt, sharded)
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"the loss became {loss} at epoch {epoch}, step {acc['step']}")
         acc["step"] += 1
         acc["loss"] += loss
-        acc["images"] += len(x) * rt.world
+        acc["images"] += len(x) * (rt.world if sharded else 1)
         acc["seconds"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if stop.requested:
@@ -1508,8 +1517,14 @@ def cmd_finetune(args):
         workers = 0
     else:
         trainable, train_prep, workers = model, prep, cfg["workers"]
-    sampler = EpochSampler(len(train_ds), batch, cfg["seed"], drop_last=cfg["mode"] == "full" and len(train_ds) > batch)
-    train_loader = make_loader(train_ds, sampler, batch, workers, rt)
+    # Full fine-tuning is data-parallel under torchrun; the linear probe (a head on precomputed
+    # features) is cheap and runs whole on every process, which keeps the processes identical.
+    world = rt.world if cfg["mode"] == "full" else 1
+    batch = max(world, batch - batch % world)  # each process takes an equal slice of a global batch
+    sampler = EpochSampler(len(train_ds), batch, cfg["seed"], drop_last=cfg["mode"] == "full" and len(train_ds) > batch,
+                           rank=rt.rank if world > 1 else 0, world=world)
+    train_loader = make_loader(train_ds, sampler, batch // world, workers, rt)
+    train_model = wrap_ddp(trainable, rt) if world > 1 else trainable
     optimizer = make_adam(trainable.parameters(), cfg["lr"], rt)
     scheduler = cosine_schedule(optimizer, cfg)
     scaler = rt.scaler()
@@ -1536,7 +1551,7 @@ def cmd_finetune(args):
                 break
             sampler.set_epoch(epoch, acc["step"])
             try:
-                acc = train_one_epoch(trainable, train_loader, optimizer, scaler, weights, rt, train_prep, acc,
+                acc = train_one_epoch(train_model, train_loader, optimizer, scaler, weights, rt, train_prep, acc,
                                       stop, epoch)
             except NonFiniteLoss as e:
                 raise diverged(e, out, cfg["lr"]) from None

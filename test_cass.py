@@ -958,3 +958,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     (l0, c0, v0), (l1, c1, v1) = grads
     assert l0 == pytest.approx(l1, rel=1e-5)
     assert torch.allclose(c0, c1, rtol=1e-4, atol=1e-6) and torch.allclose(v0, v1, rtol=1e-4, atol=1e-6)
+
+
+def test_torchrun_finetune_matches_a_single_process_run(tmp_path):
+    root = write_folder(tmp_path / "d", n=10)
+    args = [*FINETUNE, "--cnn", "convnext_atto", "--data", "folder", "--root", str(root), "--splits", "auto",
+            "--init", "random", "--arm", "cnn", "--epochs", "2"]
+    code, out = _torchrun([str(HERE / "cass.py"), *args, "--out", str(tmp_path / "ddp")])
+    assert code == 0, out
+    code, out = run([*args, "--out", str(tmp_path / "single")])
+    assert code == 0, out
+    assert _max_difference(_state(tmp_path / "ddp" / "best.pt"), _state(tmp_path / "single" / "best.pt")) < 2e-3
+    losses = [[r["train_loss"] for r in read_log(tmp_path / d / "log.jsonl")] for d in ("ddp", "single")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -49,10 +49,10 @@ import json
 import math
 import os
 import random
-import resource
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1616,12 +1616,13 @@ def cmd_evaluate(args):
         if list(obj["classes"]) != list(table.classes) or obj["multilabel"] != table.multilabel:
             raise UserError(f"--ckpt {path} was made for {len(obj['classes'])} classes {obj['classes'][:5]}, "
                             f"but --data {data} has {len(table.classes)} {table.classes[:5]}")
-    folder = Path(args.splits) if args.splits not in (None, "auto", "committed") else None
-    if folder is None:
-        saved = Path(first["config"].get("split_dir", ""))
-        folder = saved if saved.is_dir() and args.splits is None else resolve_splits(
-            dict(data=data, splits=args.splits, split_seed=first["config"]["split_seed"]), table,
-            Path(args.out).parent if args.out else Path("."))
+    saved = first["config"].get("split_dir")
+    if args.splits is None and saved and Path(saved).is_dir():
+        folder = Path(saved)  # the split files the checkpoint was fine-tuned with
+    else:
+        split_cfg = dict(data=data, splits=args.splits, split_seed=first["config"]["split_seed"])
+        # fresh `auto` splits go to a new folder, never into a run folder made for other data
+        folder = resolve_splits(split_cfg, table, tempfile.mkdtemp(prefix="cass-evaluate-"))
     keys = [k for k in load_split(table, folder, args.split) if k in table.labels]
     probs = 0
     for path, obj in ckpts:
@@ -1821,8 +1822,12 @@ def bench_step(cfg, rt, plain):
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = _time_steps(step, cfg["warmup"], cfg["steps"], rt.device)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if rt.device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if rt.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource  # Unix only, so not imported at the top: the file stays importable anywhere
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -1832,7 +1837,7 @@ def bench_step(cfg, rt, plain):
 def bench_data(cfg):
     """Images/s of the data pipeline alone: decode, resize, augment, collate, with the workers."""
     table = load_table(cfg["data"], cfg["root"])
-    folder = resolve_splits(cfg, table, Path(cfg["out"] or "runs/bench"))
+    folder = resolve_splits(cfg, table, tempfile.mkdtemp(prefix="cass-bench-"))  # `auto`: fresh, never reused
     keys = load_split(table, folder, "train")
     ds = ImageDataset(table, keys, cfg["img_size"], cass_augment())
     if cfg["cache_images"]:

@@ -971,3 +971,17 @@ def test_torchrun_finetune_matches_a_single_process_run(tmp_path):
     assert _max_difference(_state(tmp_path / "ddp" / "best.pt"), _state(tmp_path / "single" / "best.pt")) < 2e-3
     losses = [[r["train_loss"] for r in read_log(tmp_path / d / "log.jsonl")] for d in ("ddp", "single")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_bench_prints_a_table_and_the_same_numbers_as_json_on_its_last_line(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", n=8)
+    code, out = cli(["bench", *TINY, "--out-dim", "16", "--steps", "1", "--warmup", "0", "--data", "folder",
+                     "--root", root, "--splits", "auto"], capsys)
+    assert code == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("images_per_s", "plain_images_per_s", "speedup", "flops_per_step", "peak_memory_mb",
+                "data_images_per_s", "bottleneck"):
+        assert key in result
+    assert result["flops_per_step"] > 0 and result["speedup"] == pytest.approx(
+        result["images_per_s"] / result["plain_images_per_s"], rel=1e-6)
+    assert "speed-up" in out and "data pipeline" in out

@@ -15,6 +15,7 @@ Commands (the README has more):
     python cass.py pretrain --data brain_mri --root DIR          # the paper's settings
     python cass.py finetune --data digits --preset tiny --init runs/RUN --arm cnn --label-fraction 0.1
     python cass.py evaluate --data digits --ckpt runs/FT/best.pt --split test
+    python cass.py protocol --data brain_mri --root DIR --preset tiny --seeds 3   # the paper's label-efficiency grid
     python cass.py bench --preset tiny                           # time one pretraining step
     torchrun --nproc_per_node=2 cass.py pretrain ...             # data-parallel (DDP)
 
@@ -470,7 +471,7 @@ def check_images_exist(table, keys, where):
                         "use --splits auto to compute splits from the files on disk")
     empty = [k for k in keys if table.arrays is None and table.path(k).stat().st_size == 0]
     if empty:
-        raise UserError(f"{len(empty)} image files are empty (0 bytes), first: {table.path(empty[0])}; "
+        raise UserError(f"{len(empty)} image file(s) are empty (0 bytes), first: {table.path(empty[0])}; "
                         "remove or replace them")
 
 
@@ -1005,7 +1006,8 @@ def restore(objects, saved, out, rt):
     set_rng_state(saved["rng"])
     if rt.main:
         trim_log(out / "log.jsonl", saved["epoch"])
-        print(f"resuming {out} at epoch {saved['epoch']}, step {saved['acc']['step']}")
+        print(f"resuming {out} after epoch {saved['epoch']}" +
+              (f", step {saved['acc']['step']} of the next" if saved["acc"]["step"] else ""))
     return saved["epoch"], saved["acc"]
 
 
@@ -1016,7 +1018,8 @@ def save_run(objects, path, **extra):
 
 
 def interrupted(out, epoch, step=None):
-    where = f"at epoch {epoch}, step {step}" if step is not None else f"after epoch {epoch}"
+    """Epochs count from 1, as in log.jsonl; `epoch` is the 0-based index when a step is given."""
+    where = f"in epoch {epoch + 1}, after step {step}" if step is not None else f"after epoch {epoch}"
     return UserError(f"interrupted {where}; saved {out}/last.pt; continue with the same command plus "
                      f"--resume --out {out}")
 
@@ -1098,7 +1101,7 @@ def pretrain_one_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, 
             scheduler.step()
         loss_value = global_mean(loss, rt)  # one sync per step; needed for the non-finite check
         if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"the loss became {loss_value} at epoch {epoch}, step {step}")
+            raise NonFiniteLoss(f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1}")
         step += 1
         acc["step"] = step
         acc["loss"] += loss_value
@@ -1381,7 +1384,7 @@ def train_one_epoch(model, loader, optimizer, scaler, weights, rt, prep, acc, st
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         loss = global_mean(supervised_step(model, x, y, optimizer, scaler, weights, rt, prep), rt, sharded)
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f"the loss became {loss} at epoch {epoch}, step {acc['step']}")
+            raise NonFiniteLoss(f"the loss became {loss} at epoch {epoch + 1}, step {acc['step'] + 1}")
         acc["step"] += 1
         acc["loss"] += loss
         acc["images"] += len(x) * (rt.world if sharded else 1)
@@ -1458,7 +1461,7 @@ def cmd_finetune(args):
     cfg = resolve_config(args, "finetune")
     split_name = check_fraction(cfg["label_fraction"])
     if cfg["init"] is None:
-        raise UserError("finetune needs --init: a pretrain run folder, cnn.pt / vit.pt, imagenet or random")
+        raise UserError("finetune needs --init: a pretrain run folder, cnn.pt / vit.pt, imagenet, random or random-bn")
     rt = make_runtime(cfg["device"], cfg["precision"], channels_last=cfg["channels_last"])
     out = prepare_run_dir(cfg["out"] or default_out("finetune", cfg), cfg["resume"], cfg["overwrite"], rt)
     cfg["out"] = str(out)

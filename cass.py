@@ -818,7 +818,8 @@ def classification_metrics(probs, targets, multilabel, classes):
     )
 
 
-def headline_metric(data, multilabel):
+def headline_metric(data):
+    """The metric the paper reports for a dataset (paper 4.3), printed first."""
     return HEADLINE.get(data, "f1_macro")
 
 
@@ -1083,7 +1084,13 @@ def pretrain_step(cnn, vit, x, optimizer, scaler, rt):
     return loss.detach(), r.detach(), t.detach()
 
 
-def pretrain_one_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch, acc, stop, on_step=None):
+def step_stats(r, t):
+    """Collapse monitor of one step: output spread of each arm and their mean cosine, one device sync."""
+    zr, zt = F.normalize(r.float(), dim=-1), F.normalize(t.float(), dim=-1)  # [B, D] each
+    return torch.stack([zr.std(dim=0).mean(), zt.std(dim=0).mean(), (zr * zt).sum(dim=-1).mean()]).tolist()
+
+
+def pretrain_one_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch, acc, stop):
     """Train one epoch (or the rest of one, when resuming); returns the epoch's accumulators.
 
     `acc` carries the running sums so that an epoch cut by Ctrl-C and resumed logs the same
@@ -1107,16 +1114,15 @@ def pretrain_one_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, 
         acc["loss"] += loss_value
         acc.setdefault("loss_first", loss_value)
         acc["loss_last"] = loss_value
-        acc["std_cnn"] += output_spread(r)
-        acc["std_vit"] += output_spread(t)
-        acc["cos"] += float(F.cosine_similarity(r.float(), t.float(), dim=-1).mean())
+        std_cnn, std_vit, cos = step_stats(r, t)
+        acc["std_cnn"] += std_cnn
+        acc["std_vit"] += std_vit
+        acc["cos"] += cos
         acc["images"] += len(x) * rt.world
         acc["seconds"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if rt.main and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss_value:.4f}", std=f"{output_spread(r):.4f}")
-        if on_step is not None:
-            on_step(step)
+            bar.set_postfix(loss=f"{loss_value:.4f}", std=f"{std_cnn:.4f}/{std_vit:.4f}")
         if stop.requested:
             break
     return acc
@@ -1538,7 +1544,7 @@ def cmd_finetune(args):
     start_epoch, acc = restore(objects, resume, out, rt) if resume is not None else (0, new_accumulators())
     if resume is not None:
         best_state = resume["best"]
-    headline = headline_metric(cfg["data"], table.multilabel)
+    headline = headline_metric(cfg["data"])
     if rt.main:
         write_json(cfg, out / "args.json")
         print(f"fine-tuning {name} ({arm} arm, init {cfg['init']}, {cfg['mode']}) on {len(train_ds)} labelled "
@@ -1635,7 +1641,7 @@ def cmd_evaluate(args):
         logits, targets = predict(model, loader, rt, image_prep(rt, model))
         probs = probs + probabilities(logits, table.multilabel) / len(ckpts)  # ensemble: mean probability
     metrics = classification_metrics(probs.numpy(), targets.numpy(), table.multilabel, table.classes)
-    headline = headline_metric(data, table.multilabel)
+    headline = headline_metric(data)
     print(f"{'ensemble of ' + str(len(ckpts)) if len(ckpts) > 1 else ckpts[0][0]} on the {args.split} split "
           f"({len(keys)} images)")
     print(f"  {headline:<24} {metrics[headline]:.4f}   (headline)")
@@ -1758,7 +1764,7 @@ def cmd_protocol(args):
         metrics = json.load(open(cell / "metrics.json"))
         seconds = json.load(open(cell / "wall.json"))["seconds"] if (cell / "wall.json").exists() else 0.0
         finished.append(dict(c, test=metrics["test"][metrics["headline"]], seconds=seconds))
-    headline = headline_metric(cfg["data"], False)
+    headline = headline_metric(cfg["data"])
     rows, markdown = protocol_table(finished, headline)
     write_json(dict(headline=headline, rows=rows, cells=finished, config=cfg, **times), out / "table.json")
     _atomic(out / "table.md", lambda f: f.write(markdown.encode()))

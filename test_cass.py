@@ -985,3 +985,11 @@ def test_bench_prints_a_table_and_the_same_numbers_as_json_on_its_last_line(tmp_
     assert result["flops_per_step"] > 0 and result["speedup"] == pytest.approx(
         result["images_per_s"] / result["plain_images_per_s"], rel=1e-6)
     assert "speed-up" in out and "data pipeline" in out
+
+
+def test_step_statistics_equal_the_monitor_and_the_cosine():
+    r, t = torch.randn(16, 8), torch.randn(16, 8)
+    std_r, std_t, cos = cass.step_stats(r, t)
+    assert std_r == pytest.approx(cass.output_spread(r), rel=1e-5)
+    assert std_t == pytest.approx(cass.output_spread(t), rel=1e-5)
+    assert cos == pytest.approx(float(F.cosine_similarity(r, t, dim=-1).mean()), rel=1e-5)

@@ -460,16 +460,23 @@ def read_split(table, folder, name):
 
 
 def check_images_exist(table, keys, where):
-    if table.arrays is not None:
-        missing = [k for k in keys if k.split("/")[0] not in table.arrays
-                   or int(k.split("/")[1]) >= len(table.arrays[k.split("/")[0]])]
-    else:
-        missing = [k for k in keys if not table.path(k).is_file()]
+    """Every listed image exists and is not empty (one stat per file: datasets hold 25,000)."""
+    missing, empty = [], []
+    for k in keys:
+        if table.arrays is not None:
+            name, _, index = k.partition("/")
+            if name not in table.arrays or not index.isdigit() or int(index) >= len(table.arrays[name]):
+                missing.append(k)
+            continue
+        try:
+            if table.path(k).stat().st_size == 0:
+                empty.append(k)
+        except OSError:
+            missing.append(k)
     if missing:
         raise UserError(f"{len(missing)} of the {len(keys)} images that {where} lists are missing under "
                         f"{table.image_dir or 'the arrays'} (first: {', '.join(missing[:3])}); "
                         "use --splits auto to compute splits from the files on disk")
-    empty = [k for k in keys if table.arrays is None and table.path(k).stat().st_size == 0]
     if empty:
         raise UserError(f"{len(empty)} image file(s) are empty (0 bytes), first: {table.path(empty[0])}; "
                         "remove or replace them")
@@ -1042,7 +1049,7 @@ def cosine_schedule(optimizer, cfg):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["t_max"], eta_min=cfg["eta_min"])
 
 
-def make_adam(params, lr, rt, fused=True):
+def make_adam(params, lr, fused=True):
     """Adam (paper B.1.3); fused kernels on CUDA and CPU when this torch has them."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=fused)
@@ -1146,14 +1153,15 @@ def monitor(cnn, vit, loaders, rt, k=20):
     return out
 
 
-def monitor_loaders(table, cfg, folder, rt):
+def monitor_loaders(table, cfg, folder, train_keys):
     """Fixed subsets of train and val, without augmentation, for the k-NN monitor."""
     if table.multilabel or not table.labels or cfg["monitor_every"] <= 0:
         return None
     rng = np.random.default_rng(cfg["seed"])
     loaders = {}
     for split, n in (("train", cfg["monitor_size"]), ("val", cfg["monitor_size"] // 2)):
-        keys = [k for k in load_split(table, folder, split) if k in table.labels]
+        listed = train_keys if split == "train" else load_split(table, folder, split)
+        keys = [k for k in listed if k in table.labels]
         keys = [keys[i] for i in sorted(rng.permutation(len(keys))[:n])]
         ds = ImageDataset(table, keys, cfg["img_size"])
         loaders[split] = DataLoader(ds, batch_size=256, num_workers=cfg["workers"])
@@ -1207,13 +1215,13 @@ def cmd_pretrain(args):
         dataset.cache = decode_all(ImageDataset(table, train_keys, cfg["img_size"]), cfg["workers"])
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
-    mon = monitor_loaders(table, cfg, folder, rt) if rt.main else None
+    mon = monitor_loaders(table, cfg, folder, train_keys) if rt.main else None
 
     # -- encoders, optimiser, schedule, SWA ----------------------------------------------------
     cnn, vit, cnn_kw, vit_kw = build_pair(cfg)
     cnn = cnn.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     vit = vit.to(rt.device)
-    optimizer = make_adam(list(cnn.parameters()) + list(vit.parameters()), cfg["lr"], rt)
+    optimizer = make_adam(list(cnn.parameters()) + list(vit.parameters()), cfg["lr"])
     scheduler = cosine_schedule(optimizer, cfg)
     scaler = rt.scaler()
     swa_cnn = torch.optim.swa_utils.AveragedModel(cnn)
@@ -1309,20 +1317,21 @@ def args_given(args, key):
     return getattr(args, key, None) not in (None, False)
 
 
+def _format_knn(m):
+    return (f"20-NN cnn out/feat {m['knn_cnn_out']:.3f}/{m['knn_cnn_feat']:.3f}"
+            f"  vit out/feat {m['knn_vit_out']:.3f}/{m['knn_vit_feat']:.3f}")
+
+
 def _format_epoch(r, epochs):
     line = (f"epoch {r['epoch']:3d}/{epochs}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
             f"std cnn/vit {r['std_cnn']:.4f}/{r['std_vit']:.4f} (healthy {r['std_healthy']:.4f})  "
             f"cos {r['cos_cnn_vit']:.3f}  {r['images_per_s']:.1f} img/s")
-    if "knn_cnn_feat" in r:
-        line += (f"  20-NN cnn out/feat {r['knn_cnn_out']:.3f}/{r['knn_cnn_feat']:.3f}"
-                 f"  vit out/feat {r['knn_vit_out']:.3f}/{r['knn_vit_feat']:.3f}")
-    return line
+    return line + ("  " + _format_knn(r) if "knn_cnn_feat" in r else "")
 
 
 def _format_monitor(epoch, m, out_dim):
     return (f"epoch {epoch:3d} (init)  val std cnn/vit {m['val_std_cnn']:.4f}/{m['val_std_vit']:.4f} "
-            f"(healthy {1 / math.sqrt(out_dim):.4f})  20-NN cnn out/feat {m['knn_cnn_out']:.3f}/"
-            f"{m['knn_cnn_feat']:.3f}  vit out/feat {m['knn_vit_out']:.3f}/{m['knn_vit_feat']:.3f}")
+            f"(healthy {1 / math.sqrt(out_dim):.4f})  " + _format_knn(m))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1534,7 +1543,7 @@ def cmd_finetune(args):
                            rank=rt.rank if world > 1 else 0, world=world)
     train_loader = make_loader(train_ds, sampler, batch // world, workers, rt)
     train_model = wrap_ddp(trainable, rt) if world > 1 else trainable
-    optimizer = make_adam(trainable.parameters(), cfg["lr"], rt)
+    optimizer = make_adam(trainable.parameters(), cfg["lr"])
     scheduler = cosine_schedule(optimizer, cfg)
     scaler = rt.scaler()
     stopper = EarlyStopping(cfg["patience"])
@@ -1808,7 +1817,7 @@ def bench_step(cfg, rt, plain):
     if plain:
         opts = [torch.optim.Adam(m.parameters(), lr=cfg["lr"], foreach=False) for m in (cnn, vit)]
     else:
-        opts = [make_adam(list(cnn.parameters()) + list(vit.parameters()), cfg["lr"], rt)]
+        opts = [make_adam(list(cnn.parameters()) + list(vit.parameters()), cfg["lr"])]
         if cfg["compile"]:
             cnn, vit = torch.compile(cnn), torch.compile(vit)
     if cfg["grad_checkpointing"]:

@@ -179,7 +179,7 @@ def test_both_encoders_emit_outputs_of_the_same_shape(preset):
 def test_one_batch_overfits():
     cnn, vit = small_pair()
     rt = cass.Runtime(torch.device("cpu"))
-    opt = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3, rt)
+    opt = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     first = None
     for _ in range(40):
@@ -212,7 +212,7 @@ def test_knn_accuracy_finds_separated_classes():
 def test_swa_weights_differ_from_last_weights_and_batchnorm_is_recomputed():
     cnn, vit = small_pair()
     rt = cass.Runtime(torch.device("cpu"))
-    opt = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3, rt)
+    opt = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3)
     swa = torch.optim.swa_utils.AveragedModel(cnn)
     torch.manual_seed(1)
     batches = [torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8) for _ in range(3)]
@@ -498,7 +498,7 @@ def test_one_batch_fine_tune_overfits():
     cnn, _ = small_pair()
     cnn.reset_classifier(3)
     rt = cass.Runtime(torch.device("cpu"))
-    opt = cass.make_adam(cnn.parameters(), 3e-3, rt)
+    opt = cass.make_adam(cnn.parameters(), 3e-3)
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     y = torch.eye(3)[torch.tensor([0, 1, 2, 0, 1, 2])]
     for _ in range(40):
@@ -817,7 +817,7 @@ init = {{**{{"cnn." + k: v.clone() for k, v in cnn.state_dict().items()}}, **{{"
 torch.save(init, sys.argv[1] + "/init.pt")
 sampler = cass.EpochSampler(32, 8, 0, rank=rt.rank, world=rt.world)
 loader = cass.make_loader(dataset, sampler, 8 // rt.world, 0, rt)
-optimizer = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3, rt)
+optimizer = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3)
 for epoch in range(2):
     sampler.set_epoch(epoch)
     cass.pretrain_one_epoch(ddp_cnn, ddp_vit, loader, optimizer, rt.scaler(), None, rt, dict(sched_unit="epoch"),

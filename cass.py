@@ -574,8 +574,24 @@ class ImageDataset(Dataset):
 
 def decode_all(dataset, workers):
     """Decode and resize every image once (the cache that --cache-images reuses each epoch)."""
-    loader = DataLoader(dataset, batch_size=64, num_workers=workers, shuffle=False)
+    # its own generator: a loader draws a seed from the global RNG, which would shift the run's
+    # random numbers and make a cached run differ from an uncached one
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, shuffle=False, generator=torch.Generator())
     return torch.cat([x for x, _ in progress(loader, "decoding images")]) if len(dataset) else None
+
+
+_DECODED = {}  # (dataset, root, size, keys) -> uint8 images: shared by the runs of one process
+
+
+def cached_images(table, keys, size, workers):
+    """decode_all, remembered for the life of the process, so that the dozens of fine-tuning
+    runs of `protocol` decode each split once instead of once per run and epoch."""
+    if table.arrays is not None:  # already in memory: nothing worth remembering
+        return decode_all(ImageDataset(table, keys, size), workers)
+    key = (table.name, table.image_dir, size, tuple(keys))
+    if key not in _DECODED:
+        _DECODED[key] = decode_all(ImageDataset(table, keys, size), workers)
+    return _DECODED[key]
 
 
 class EpochSampler(Sampler):
@@ -1212,7 +1228,7 @@ def cmd_pretrain(args):
                         f"(--batch-size {cfg['batch_size']}); lower --batch-size")
     dataset = ImageDataset(table, train_keys, cfg["img_size"], cass_augment())
     if cfg["cache_images"]:
-        dataset.cache = decode_all(ImageDataset(table, train_keys, cfg["img_size"]), cfg["workers"])
+        dataset.cache = cached_images(table, train_keys, cfg["img_size"], cfg["workers"])
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
     mon = monitor_loaders(table, cfg, folder, train_keys) if rt.main else None
@@ -1501,6 +1517,9 @@ def cmd_finetune(args):
     size = cfg["img_size"]
     train_ds = ImageDataset(table, keys["train"], size, cass_augment())  # paper B.2.1: same augmentations
     eval_ds = {s: ImageDataset(table, keys[s], size) for s in ("val", "test")}
+    if cfg["cache_images"]:
+        for s, ds in (("train", train_ds), *eval_ds.items()):
+            ds.cache = cached_images(table, keys[s], size, cfg["workers"])
     counts = train_ds.targets.sum(0)
     weights = class_weights(counts, cfg["class_weights"])
     if weights is not None:
@@ -1516,7 +1535,9 @@ def cmd_finetune(args):
         # The control for CASS's CNN (SPEC.md, last section): a random CNN whose BatchNorm
         # statistics are merely re-estimated on the training images, labels unused. Any gain of
         # CASS over this is learned; a gain over plain `random` may be recalibration alone.
-        all_train = ImageDataset(table, load_split(table, folder, "train"), size)
+        all_keys = load_split(table, folder, "train")
+        all_train = ImageDataset(table, all_keys, size, cache=cached_images(table, all_keys, size, cfg["workers"])
+                                 if cfg["cache_images"] else None)
         recompute_batchnorm(model, make_loader(all_train, None, cfg["batch_size"], cfg["workers"], rt), rt)
     batch = min(cfg["batch_size"], len(train_ds))
     eval_loader = {s: make_loader(d, None, cfg["batch_size"], cfg["workers"], rt) for s, d in eval_ds.items()}
@@ -1524,8 +1545,9 @@ def cmd_finetune(args):
         # Linear evaluation (paper 4.2): the encoder is frozen, so its features are computed once
         # (no augmentation) and only the head trains on them.
         t0 = time.perf_counter()
+        plain_train = ImageDataset(table, keys["train"], size, cache=train_ds.cache)  # no augmentation
         feats = {s: encode(model, make_loader(d, None, cfg["batch_size"], cfg["workers"], rt), rt)
-                 for s, d in (("train", ImageDataset(table, keys["train"], size)), *eval_ds.items())}
+                 for s, d in (("train", plain_train), *eval_ds.items())}
         if rt.main:
             print(f"features of the frozen encoder computed in {time.perf_counter() - t0:.1f} s")
         trainable = model.get_classifier()
@@ -1710,7 +1732,10 @@ def protocol_cells(cfg, imagenet_ok):
                 if init == "random-bn" and arm != "cnn":
                     continue  # ViTs have no BatchNorm to re-estimate
                 for mode in cfg["modes"]:
-                    for seed in range(cfg["seeds"]):
+                    if init == "random-bn" and mode == "full":
+                        continue  # full fine-tuning re-estimates BatchNorm statistics from its first step
+                    seeds = cfg["seeds_full"] if fraction == 1.0 and cfg["seeds_full"] else cfg["seeds"]
+                    for seed in range(seeds):
                         yield dict(arm=arm, init=init, mode=mode, fraction=fraction, seed=seed)
 
 
@@ -2013,6 +2038,7 @@ def build_parser():
     p.add_argument("--modes", nargs="+", default=["full", "linear"], choices=["full", "linear"])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     p.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per cell (paper B.1.1: 5)")
+    p.add_argument("--seeds-full", type=int, help="seeds with 100%% of the labels (default: --seeds)")
     p.add_argument("--ft-epochs-grid", type=int, help="fine-tuning epochs at most (default: the preset's)")
     p.add_argument("--ft-epochs-full", type=int, help="fine-tuning epochs at most with 100%% of the labels")
     p.set_defaults(func=cmd_protocol, sched_unit="epoch", monitor_every=1, monitor_size=500, sync_bn=False)

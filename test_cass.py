@@ -945,6 +945,35 @@ def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells
     assert code == 0 and "[1/6]" not in out and "fine-tuning" not in out, out
 
 
+def test_protocol_grid_skips_the_bn_control_in_full_mode_and_takes_its_own_seeds_at_100_percent():
+    cfg = dict(arms=["cnn", "vit"], inits=["cass", "random", "random-bn"], modes=["full", "linear"],
+               fractions=[0.1, 1.0], seeds=3, seeds_full=1)
+    cells = list(cass.protocol_cells(cfg, imagenet_ok=False))
+    assert not [c for c in cells if c["init"] == "random-bn" and (c["mode"] == "full" or c["arm"] == "vit")]
+    assert {c["seed"] for c in cells if c["fraction"] == 1.0} == {0}
+    assert {c["seed"] for c in cells if c["fraction"] == 0.1} == {0, 1, 2}
+    assert len(cells) == (2 + 2 + 1 + 2 + 2) * (3 + 1)  # cnn full/linear x2 inits + bn linear; vit 2x2
+
+
+def test_cached_finetune_decodes_each_split_once_and_changes_nothing(tmp_path):
+    root = write_folder(tmp_path / "d", n=6)
+    common = [*FINETUNE, "--data", "folder", "--root", str(root), "--splits", "auto", "--init", "random",
+              "--arm", "cnn", "--mode", "linear"]
+    cass._DECODED.clear()
+    assert cass.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert not cass._DECODED
+    assert cass.main([*common, "--cache-images", "--out", str(tmp_path / "cached")]) == 0
+    remembered = dict(cass._DECODED)
+    assert len(remembered) == 3  # train, val, test
+    assert cass.main([*common, "--cache-images", "--seed", "1", "--out", str(tmp_path / "again")]) == 0
+    assert all(cass._DECODED[k] is v for k, v in remembered.items())  # reused, not decoded again
+    losses = [[r["train_loss"] for r in read_log(tmp_path / d / "log.jsonl")] for d in ("plain", "cached")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    auc = [json.load(open(tmp_path / d / "metrics.json"))["test"]["roc_auc_ovr"] for d in ("plain", "cached")]
+    assert auc[0] == pytest.approx(auc[1], rel=1e-6)
+    cass._DECODED.clear()
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     x = cass.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     grads = []

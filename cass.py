@@ -46,6 +46,7 @@ k-NN accuracy that pretrain logs every epoch.
 import argparse
 import contextlib
 import csv
+import gc
 import json
 import math
 import os
@@ -1019,8 +1020,12 @@ def _ignore_sigint(_worker_id):
 
 
 def make_loader(dataset, sampler, per_rank_batch, workers, rt):
+    if getattr(dataset, "cache", None) is not None and getattr(dataset, "transform", None) is None:
+        workers = 0  # decoded already and nothing to augment: workers would only add start-up and copies
+    # a training loader (it has a sampler) keeps its workers between epochs: no start-up each epoch
     return DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
-                      pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None)
+                      pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None,
+                      persistent_workers=bool(workers) and sampler is not None)
 
 
 def restore(objects, saved, out, rt):
@@ -1826,7 +1831,7 @@ def _time_steps(step, warmup, steps, device):
     return float(np.median(times))
 
 
-def bench_step(cfg, rt, plain):
+def bench_step(cfg, rt, plain, count_flops=True):
     """Median seconds of one CASS step on a synthetic batch, and its FLOPs.
 
     plain: what the authors' notebook runs (fp32, default memory format, one unfused Adam per
@@ -1864,17 +1869,57 @@ def bench_step(cfg, rt, plain):
 
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = _time_steps(step, cfg["warmup"], cfg["steps"], rt.device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 and not plain  # plain: PyTorch's default, fp32 matmuls
+    try:
+        seconds = _time_steps(step, cfg["warmup"], cfg["steps"], rt.device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     if rt.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         import resource  # Unix only, so not imported at the top: the file stays importable anywhere
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if not count_flops:
+        return seconds, None, peak
     counter = FlopCounterMode(display=False)
     with counter:
         step()
     return seconds, counter.get_total_flops(), peak
+
+
+def matmul_peak(rt):
+    """FLOP/s of a large square matrix product in the step's precision: the yardstick for the step."""
+    n = 8192 if rt.device.type == "cuda" else 2048
+    dtype = rt.amp_dtype or torch.float32
+    a, b = (torch.randn(n, n, device=rt.device).to(dtype) for _ in range(2))
+    seconds = _time_steps(lambda: a @ b, 2, 5, rt.device)
+    return 2 * n**3 / seconds
+
+
+def largest_batch(cfg, rt, limit=4096):
+    """The largest batch whose step fits in GPU memory: doubling from --batch-size, then bisection."""
+    def fits(batch):
+        try:
+            bench_step({**cfg, "batch_size": batch, "warmup": 1, "steps": 1}, rt, plain=False, count_flops=False)
+            ok = True
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        gc.collect()  # the failed step's tensors, then the allocator's cache
+        torch.cuda.empty_cache()
+        print(f"  batch {batch}: {'fits' if ok else 'out of memory'}", flush=True)
+        return ok
+
+    lo, hi = 0, cfg["batch_size"]
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def bench_data(cfg):
@@ -1920,6 +1965,16 @@ def cmd_bench(args):
     for name, s, ips, fl in rows:
         print(f"{name:48} {s:8.3f} {ips:8.1f} {fl / 1e9:8.1f}")
     print(f"speed-up {result['speedup']:.2f}x; {flops / 1e9:.1f} GFLOP per step; peak memory {peak:.0f} MB")
+    peak_flops = matmul_peak(rt)
+    result.update(matmul_peak_flops=peak_flops, fraction_of_matmul_peak=result["achieved_flops"] / peak_flops)
+    print(f"a {result['precision']} matrix product runs at {peak_flops / 1e12:.2f} TFLOP/s here; this step reaches "
+          f"{result['fraction_of_matmul_peak']:.0%} of it")
+    if cfg["max_batch"]:
+        if rt.device.type != "cuda":
+            raise UserError("--max-batch searches GPU memory and needs --device cuda; on a CPU it would exhaust RAM")
+        result["max_batch_size"] = largest_batch(cfg, rt)
+        print(f"largest batch that fits: {result['max_batch_size']} "
+              f"({torch.cuda.get_device_properties(rt.device).total_memory / 2**30:.0f} GiB GPU)")
     if cfg["root"] or cfg["data"] == "digits":
         data_ips = bench_data(cfg)
         result["data_images_per_s"] = data_ips
@@ -2049,6 +2104,7 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to fit larger batches")
     p.add_argument("--out-dim", type=int, help="width of both heads")
+    p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest batch that fits")
     p.set_defaults(func=cmd_bench, out=None, sched_unit="epoch")
 
     p = sub.add_parser("splits", help="write split files (data_splits/<data>) from the data or a full listing")

@@ -1014,6 +1014,23 @@ def test_bench_prints_a_table_and_the_same_numbers_as_json_on_its_last_line(tmp_
     assert result["flops_per_step"] > 0 and result["speedup"] == pytest.approx(
         result["images_per_s"] / result["plain_images_per_s"], rel=1e-6)
     assert "speed-up" in out and "data pipeline" in out
+    assert 0 < result["fraction_of_matmul_peak"] and result["matmul_peak_flops"] > 0
+    code, out = cli(["bench", *TINY, "--max-batch"], capsys)
+    assert code == 2 and "--max-batch searches GPU memory and needs --device cuda" in out, out
+
+
+def test_largest_batch_doubles_then_bisects_to_the_exact_limit(monkeypatch):
+    tried = []
+
+    def fake_step(cfg, rt, plain, count_flops=True):
+        tried.append(cfg["batch_size"])
+        if cfg["batch_size"] > 37:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return 0.1, None, 0.0
+
+    monkeypatch.setattr(cass, "bench_step", fake_step)
+    assert cass.largest_batch({"batch_size": 16}, rt=None) == 37
+    assert tried[:3] == [16, 32, 64] and len(tried) <= 3 + 5
 
 
 def test_step_statistics_equal_the_monitor_and_the_cosine():

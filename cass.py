@@ -1374,6 +1374,13 @@ class FeatureDataset(Dataset):
         return self.features[index], self.targets[index]
 
 
+def fold_standardisation(head, mean, std):
+    """Make a linear head trained on (x - mean) / std take x itself: W' = W / std, b' = b - W' mean."""
+    with torch.no_grad():
+        head.weight.div_(std.to(head.weight))
+        head.bias.sub_(head.weight @ mean.to(head.weight))
+
+
 class EarlyStopping:
     """Stop when the validation loss has not improved for `patience` epochs (paper 4.2)."""
 
@@ -1555,9 +1562,13 @@ def cmd_finetune(args):
                  for s, d in (("train", plain_train), *eval_ds.items())}
         if rt.main:
             print(f"features of the frozen encoder computed in {time.perf_counter() - t0:.1f} s")
+        # Standardised with the training features' statistics, so that one learning rate suits
+        # any encoder (a collapsed one's features vary by 1e-3); folded into the head at the end.
+        mean, std = feats["train"][0].mean(0), feats["train"][0].std(0).nan_to_num(1.0).clamp_min(1e-5)
         trainable = model.get_classifier()
-        train_ds = FeatureDataset(feats["train"][0], feats["train"][2])
-        eval_loader = {s: DataLoader(FeatureDataset(feats[s][0], feats[s][2]), batch_size=256) for s in eval_ds}
+        train_ds = FeatureDataset((feats["train"][0] - mean) / std, feats["train"][2])
+        eval_loader = {s: DataLoader(FeatureDataset((feats[s][0] - mean) / std, feats[s][2]), batch_size=256)
+                       for s in eval_ds}
         train_prep = lambda x: x  # noqa: E731
         workers = 0
     else:
@@ -1624,6 +1635,8 @@ def cmd_finetune(args):
 
     # -- the best epoch's weights, evaluated as `evaluate` will -----------------------------------
     trainable.load_state_dict(best_state)
+    if cfg["mode"] == "linear":
+        fold_standardisation(trainable, mean, std)
     record = encoder_record(model, name, kw, arm, cfg, classes=list(table.classes), multilabel=table.multilabel,
                             data=cfg["data"], img_size=size, headline=headline, best_epoch=stopper.best_epoch)
     results = dict(best_epoch=stopper.best_epoch, headline=headline)
@@ -1795,10 +1808,14 @@ def cmd_protocol(args):
             words = ["finetune", *shared, *splits, "--init", init, "--arm", c["arm"], "--mode", c["mode"],
                      "--label-fraction", str(c["fraction"]), "--seed", str(c["seed"]), "--out", str(cell)]
             epochs = cfg["ft_epochs_full"] if c["fraction"] == 1.0 and cfg["ft_epochs_full"] else cfg["ft_epochs_grid"]
+            epochs = cfg["ft_epochs_linear"] if c["mode"] == "linear" else epochs
             words += ["--epochs", str(epochs)] if epochs else []
             words += ["--resume"] if (cell / "last.pt").exists() else (["--overwrite"] if cell.exists() else [])
             t0 = time.perf_counter()
-            cmd_finetune(parse_args(words))
+            try:
+                cmd_finetune(parse_args(words))
+            except UserError as e:
+                raise UserError(f"cell {name}: {e} (rerunning this protocol command resumes the grid)") from None
             write_json(dict(seconds=time.perf_counter() - t0), cell / "wall.json")
         metrics = json.load(open(cell / "metrics.json"))
         seconds = json.load(open(cell / "wall.json"))["seconds"] if (cell / "wall.json").exists() else 0.0
@@ -2096,6 +2113,8 @@ def build_parser():
     p.add_argument("--seeds-full", type=int, help="seeds with 100%% of the labels (default: --seeds)")
     p.add_argument("--ft-epochs-grid", type=int, help="fine-tuning epochs at most (default: the preset's)")
     p.add_argument("--ft-epochs-full", type=int, help="fine-tuning epochs at most with 100%% of the labels")
+    p.add_argument("--ft-epochs-linear", type=int, default=100,
+                   help="linear-probe epochs at most (a head on stored features: an epoch costs milliseconds)")
     p.set_defaults(func=cmd_protocol, sched_unit="epoch", monitor_every=1, monitor_size=500, sync_bn=False)
 
     p = sub.add_parser("bench", help="time the pretraining step against the plain one (and the data pipeline)")

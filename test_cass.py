@@ -521,6 +521,20 @@ def test_linear_mode_leaves_the_encoder_unchanged_while_the_head_learns(tmp_path
             assert torch.equal(v, after[k]), k
     log = read_log(tmp_path / "f" / "log.jsonl")
     assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert cass.main(["evaluate", "--ckpt", str(tmp_path / "f" / "best.pt"), "--device", "cpu", "--workers", "0",
+                      "--out", str(tmp_path / "e.json")]) == 0
+    written = json.load(open(tmp_path / "f" / "metrics.json"))["test"]
+    assert json.load(open(tmp_path / "e.json"))["confusion_matrix"] == written["confusion_matrix"]
+
+
+def test_a_head_trained_on_standardised_features_folds_into_one_on_raw_features():
+    torch.manual_seed(0)
+    x = torch.randn(32, 6) * torch.tensor([1e-3, 1, 5, 0.1, 2, 1e-2]) + 3
+    mean, std = x.mean(0), x.std(0)
+    head = torch.nn.Linear(6, 4)
+    expected = head((x - mean) / std)
+    cass.fold_standardisation(head, mean, std)
+    assert torch.allclose(head(x), expected, atol=1e-3)  # float32 cancellation: W/1e-3 times 3
 
 
 def test_evaluate_reproduces_finetune_and_an_ensemble_of_two_runs(tmp_path):

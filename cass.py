@@ -1184,8 +1184,9 @@ def monitor_loaders(table, cfg, folder, train_keys):
         listed = train_keys if split == "train" else load_split(table, folder, split)
         keys = [k for k in listed if k in table.labels]
         keys = [keys[i] for i in sorted(rng.permutation(len(keys))[:n])]
-        ds = ImageDataset(table, keys, cfg["img_size"])
-        loaders[split] = DataLoader(ds, batch_size=256, num_workers=cfg["workers"])
+        cache = cached_images(table, keys, cfg["img_size"], cfg["workers"]) if cfg["cache_images"] else None
+        ds = ImageDataset(table, keys, cfg["img_size"], cache=cache)
+        loaders[split] = DataLoader(ds, batch_size=256, num_workers=0 if cache is not None else cfg["workers"])
     return loaders if len(loaders["train"].dataset) and len(loaders["val"].dataset) else None
 
 

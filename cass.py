@@ -1786,13 +1786,18 @@ def cmd_protocol(args):
 
     # -- one CASS pretraining run (resumed if it was interrupted) ------------------------------
     pre = out / "pretrain"
-    t0 = time.perf_counter()
     if not (pre / "cnn.pt").exists():
         words = ["pretrain", *shared, "--out", str(pre), "--seed", str(cfg["seed"])]
         words += _flags(cfg, args, ("splits", "epochs", "out_dim", "swa_start", "lr"))
         words += ["--resume"] if (pre / "last.pt").exists() else (["--overwrite"] if pre.exists() else [])
+        t0 = time.perf_counter()
         cmd_pretrain(parse_args(words))
-    times["pretrain_minutes"] = (time.perf_counter() - t0) / 60
+        write_json(dict(seconds=time.perf_counter() - t0), pre / "wall.json")  # this session's part
+    if (pre / "wall.json").exists():
+        times["pretrain_minutes"] = json.load(open(pre / "wall.json"))["seconds"] / 60
+    else:  # finished before wall.json existed: its epochs and monitor, from the log
+        log = [json.loads(line) for line in open(pre / "log.jsonl")]
+        times["pretrain_minutes"] = sum(r.get("seconds", 0) + r.get("monitor_seconds", 0) for r in log) / 60
     # every cell uses the splits the pretraining run used
     splits = ["--splits", str(pre / "splits")] if (pre / "splits").is_dir() else _flags(cfg, args, ("splits",))
     imagenet_ok = "imagenet" in cfg["inits"] and _hub_reachable()
@@ -1823,6 +1828,9 @@ def cmd_protocol(args):
         finished.append(dict(c, test=metrics["test"][metrics["headline"]], seconds=seconds))
     headline = headline_metric(cfg["data"])
     rows, markdown = protocol_table(finished, headline)
+    times["finetune_minutes"] = sum(c["seconds"] for c in finished) / 60
+    markdown += (f"\npretraining {times['pretrain_minutes']:.1f} min; {len(finished)} fine-tuning runs "
+                 f"{times['finetune_minutes']:.1f} min; total {sum(times.values()):.1f} min\n")
     write_json(dict(headline=headline, rows=rows, cells=finished, config=cfg, **times), out / "table.json")
     _atomic(out / "table.md", lambda f: f.write(markdown.encode()))
     print(markdown)

@@ -956,7 +956,9 @@ def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells
     assert {(r["init"], r["n"]) for r in table["rows"]} == {("cass", 2), ("random", 2), ("random-bn", 2)}
     assert "| 100% | cnn | cass | linear |" in (tmp_path / "p" / "table.md").read_text()
     code, out = cli(args, capsys)  # everything finished: nothing is trained again
-    assert code == 0 and "[1/6]" not in out and "fine-tuning" not in out, out
+    assert code == 0 and "[1/6]" not in out and "fine-tuning resnet" not in out, out
+    assert "6 fine-tuning runs" in (tmp_path / "p" / "table.md").read_text()
+    assert json.load(open(tmp_path / "p" / "table.json"))["pretrain_minutes"] > 0  # also when nothing ran again
 
 
 def test_protocol_grid_skips_the_bn_control_in_full_mode_and_takes_its_own_seeds_at_100_percent():

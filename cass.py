@@ -1319,7 +1319,7 @@ def cmd_pretrain(args):
         save_checkpoint(encoder_record(final_cnn, cfg["cnn"], cnn_kw, "cnn", cfg), out / "cnn.pt")
         save_checkpoint(encoder_record(final_vit, cfg["vit"], vit_kw, "vit", cfg), out / "vit.pt")
         print(f"wrote {out}/cnn.pt and {out}/vit.pt"
-              f"{f' (SWA over {int(swa_cnn.n_averaged)} epochs)' if swa_cnn.n_averaged else ''}")
+              f"{f' (SWA over {int(swa_cnn.n_averaged)} epoch(s))' if swa_cnn.n_averaged else ''}")
     if rt.world > 1:
         dist.barrier()  # the other ranks wait while rank 0 writes the result
     return out
@@ -1742,6 +1742,30 @@ def _flags(cfg, args, keys):
     return words
 
 
+def claim(lock):
+    """Create `lock` holding this process's id, unless a live process holds it: None then.
+    Lets several `protocol` processes (one per GPU, say) share one grid without clashing."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)  # raises if no such process
+                if pid != os.getpid():
+                    return None
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                pass  # left by a process that died: take it over
+            except PermissionError:
+                return None  # alive, another user's
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
+
+
 def protocol_cells(cfg, imagenet_ok):
     """Every (arm, init, mode, fraction, seed) of the grid, in the order they run."""
     inits = [i for i in cfg["inits"] if i != "imagenet" or imagenet_ok]
@@ -1750,10 +1774,11 @@ def protocol_cells(cfg, imagenet_ok):
             for init in inits:
                 if init == "random-bn" and arm != "cnn":
                     continue  # ViTs have no BatchNorm to re-estimate
-                for mode in cfg["modes"]:
+                modes = cfg["modes_full"] if fraction == 1.0 and cfg.get("modes_full") else cfg["modes"]
+                for mode in modes:
                     if init == "random-bn" and mode == "full":
                         continue  # full fine-tuning re-estimates BatchNorm statistics from its first step
-                    seeds = cfg["seeds_full"] if fraction == 1.0 and cfg["seeds_full"] else cfg["seeds"]
+                    seeds = cfg["seeds_full"] if fraction == 1.0 and cfg.get("seeds_full") else cfg["seeds"]
                     for seed in range(seeds):
                         yield dict(arm=arm, init=init, mode=mode, fraction=fraction, seed=seed)
 
@@ -1803,12 +1828,17 @@ def cmd_protocol(args):
     imagenet_ok = "imagenet" in cfg["inits"] and _hub_reachable()
 
     # -- the grid of fine-tuning runs; finished cells are not rerun -----------------------------
-    finished = []
+    finished, elsewhere = [], []
     cells = list(protocol_cells(cfg, imagenet_ok))
+    (out / "cells").mkdir(exist_ok=True)
     for i, c in enumerate(cells):
         name = f"{c['arm']}-{c['init']}-{c['mode']}-{c['fraction']:g}-seed{c['seed']}"
         cell = out / "cells" / name
         if not (cell / "metrics.json").exists():
+            lock = claim(out / "cells" / f"{name}.lock")
+            if lock is None:  # another process sharing this grid runs it now
+                elsewhere.append(name)
+                continue
             print(f"[{i + 1}/{len(cells)}] {name}", flush=True)
             init = str(pre) if c["init"] == "cass" else c["init"]
             words = ["finetune", *shared, *splits, "--init", init, "--arm", c["arm"], "--mode", c["mode"],
@@ -1820,12 +1850,17 @@ def cmd_protocol(args):
             t0 = time.perf_counter()
             try:
                 cmd_finetune(parse_args(words))
+                write_json(dict(seconds=time.perf_counter() - t0), cell / "wall.json")
             except UserError as e:
                 raise UserError(f"cell {name}: {e} (rerunning this protocol command resumes the grid)") from None
-            write_json(dict(seconds=time.perf_counter() - t0), cell / "wall.json")
+            finally:
+                lock.unlink(missing_ok=True)
         metrics = json.load(open(cell / "metrics.json"))
         seconds = json.load(open(cell / "wall.json"))["seconds"] if (cell / "wall.json").exists() else 0.0
         finished.append(dict(c, test=metrics["test"][metrics["headline"]], seconds=seconds))
+    if elsewhere:
+        print(f"{len(elsewhere)} cell(s) ran in another process sharing {out} (first: {elsewhere[0]}); the table "
+              "below leaves them out: rerun this command when they finish for the whole table")
     headline = headline_metric(cfg["data"])
     rows, markdown = protocol_table(finished, headline)
     times["finetune_minutes"] = sum(c["seconds"] for c in finished) / 60
@@ -2120,6 +2155,8 @@ def build_parser():
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     p.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per cell (paper B.1.1: 5)")
     p.add_argument("--seeds-full", type=int, help="seeds with 100%% of the labels (default: --seeds)")
+    p.add_argument("--modes-full", nargs="+", choices=["full", "linear"],
+                   help="modes with 100%% of the labels (default: --modes)")
     p.add_argument("--ft-epochs-grid", type=int, help="fine-tuning epochs at most (default: the preset's)")
     p.add_argument("--ft-epochs-full", type=int, help="fine-tuning epochs at most with 100%% of the labels")
     p.add_argument("--ft-epochs-linear", type=int, default=100,

@@ -969,6 +969,22 @@ def test_protocol_grid_skips_the_bn_control_in_full_mode_and_takes_its_own_seeds
     assert {c["seed"] for c in cells if c["fraction"] == 1.0} == {0}
     assert {c["seed"] for c in cells if c["fraction"] == 0.1} == {0, 1, 2}
     assert len(cells) == (2 + 2 + 1 + 2 + 2) * (3 + 1)  # cnn full/linear x2 inits + bn linear; vit 2x2
+    cells = list(cass.protocol_cells({**cfg, "modes_full": ["linear"]}, imagenet_ok=False))
+    assert {c["mode"] for c in cells if c["fraction"] == 1.0} == {"linear"}
+    assert {c["mode"] for c in cells if c["fraction"] == 0.1} == {"full", "linear"}
+
+
+def test_a_cell_lock_held_by_a_live_process_is_respected_and_a_dead_ones_taken_over(tmp_path):
+    lock = tmp_path / "cell.lock"
+    assert cass.claim(lock) == lock and lock.read_text() == str(os.getpid())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(other.pid))
+        assert cass.claim(lock) is None  # alive: another process runs this cell
+    finally:
+        other.kill()
+        other.wait()
+    assert cass.claim(lock) == lock and lock.read_text() == str(os.getpid())  # dead: taken over
 
 
 def test_cached_finetune_decodes_each_split_once_and_changes_nothing(tmp_path):

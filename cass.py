@@ -2202,6 +2202,10 @@ def main(argv=None):
         message = str(e).strip().splitlines()[-1].removeprefix("cass.UserError: ").removeprefix("UserError: ")
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loops (they stop cleanly at the next step)
+        print("error: interrupted; last.pt and finished results are kept: rerun the same command with --resume "
+              "(protocol: the same command) to continue", file=sys.stderr)
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

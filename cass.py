@@ -2006,6 +2006,8 @@ def bench_data(cfg):
 def cmd_bench(args):
     cfg = resolve_config(args, "pretrain")
     rt = make_runtime(cfg["device"], cfg["precision"], channels_last=cfg["channels_last"])
+    if cfg["max_batch"] and rt.device.type != "cuda":
+        raise UserError("--max-batch searches GPU memory and needs --device cuda; on a CPU it would exhaust RAM")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"bench: {cfg['cnn']} + {cfg['vit']}, {cfg['img_size']} px, batch {cfg['batch_size']}, {device_name}, "
@@ -2031,8 +2033,6 @@ def cmd_bench(args):
     print(f"a {result['precision']} matrix product runs at {peak_flops / 1e12:.2f} TFLOP/s here; this step reaches "
           f"{result['fraction_of_matmul_peak']:.0%} of it")
     if cfg["max_batch"]:
-        if rt.device.type != "cuda":
-            raise UserError("--max-batch searches GPU memory and needs --device cuda; on a CPU it would exhaust RAM")
         result["max_batch_size"] = largest_batch(cfg, rt)
         print(f"largest batch that fits: {result['max_batch_size']} "
               f"({torch.cuda.get_device_properties(rt.device).total_memory / 2**30:.0f} GiB GPU)")

@@ -584,9 +584,12 @@ def decode_all(dataset, workers):
 _DECODED = {}  # (dataset, root, size, keys) -> uint8 images: shared by the runs of one process
 
 
-def cached_images(table, keys, size, workers):
-    """decode_all, remembered for the life of the process, so that the dozens of fine-tuning
-    runs of `protocol` decode each split once instead of once per run and epoch."""
+def cached_images(table, keys, cfg):
+    """Under --cache-images (else None): decode_all, remembered for the life of the process, so
+    that the dozens of fine-tuning runs of `protocol` decode each split once, not every epoch."""
+    if not cfg["cache_images"]:
+        return None
+    size, workers = cfg["img_size"], cfg["workers"]
     if table.arrays is not None:  # already in memory: nothing worth remembering
         return decode_all(ImageDataset(table, keys, size), workers)
     key = (table.name, table.image_dir, size, tuple(keys))
@@ -1184,7 +1187,7 @@ def monitor_loaders(table, cfg, folder, train_keys):
         listed = train_keys if split == "train" else load_split(table, folder, split)
         keys = [k for k in listed if k in table.labels]
         keys = [keys[i] for i in sorted(rng.permutation(len(keys))[:n])]
-        cache = cached_images(table, keys, cfg["img_size"], cfg["workers"]) if cfg["cache_images"] else None
+        cache = cached_images(table, keys, cfg)
         ds = ImageDataset(table, keys, cfg["img_size"], cache=cache)
         loaders[split] = DataLoader(ds, batch_size=256, num_workers=0 if cache is not None else cfg["workers"])
     return loaders if len(loaders["train"].dataset) and len(loaders["val"].dataset) else None
@@ -1232,9 +1235,7 @@ def cmd_pretrain(args):
     if len(train_keys) < cfg["batch_size"]:
         raise UserError(f"the training split has {len(train_keys)} images, fewer than one batch "
                         f"(--batch-size {cfg['batch_size']}); lower --batch-size")
-    dataset = ImageDataset(table, train_keys, cfg["img_size"], cass_augment())
-    if cfg["cache_images"]:
-        dataset.cache = cached_images(table, train_keys, cfg["img_size"], cfg["workers"])
+    dataset = ImageDataset(table, train_keys, cfg["img_size"], cass_augment(), cached_images(table, train_keys, cfg))
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
     mon = monitor_loaders(table, cfg, folder, train_keys) if rt.main else None
@@ -1528,11 +1529,9 @@ def cmd_finetune(args):
         if not k:
             raise UserError(f"the {s} split in {folder} has no labelled images")
     size = cfg["img_size"]
-    train_ds = ImageDataset(table, keys["train"], size, cass_augment())  # paper B.2.1: same augmentations
-    eval_ds = {s: ImageDataset(table, keys[s], size) for s in ("val", "test")}
-    if cfg["cache_images"]:
-        for s, ds in (("train", train_ds), *eval_ds.items()):
-            ds.cache = cached_images(table, keys[s], size, cfg["workers"])
+    train_ds = ImageDataset(table, keys["train"], size, cass_augment(),  # paper B.2.1: same augmentations
+                            cached_images(table, keys["train"], cfg))
+    eval_ds = {s: ImageDataset(table, keys[s], size, cache=cached_images(table, keys[s], cfg)) for s in ("val", "test")}
     counts = train_ds.targets.sum(0)
     weights = class_weights(counts, cfg["class_weights"])
     if weights is not None:
@@ -1549,8 +1548,7 @@ def cmd_finetune(args):
         # statistics are merely re-estimated on the training images, labels unused. Any gain of
         # CASS over this is learned; a gain over plain `random` may be recalibration alone.
         all_keys = load_split(table, folder, "train")
-        all_train = ImageDataset(table, all_keys, size, cache=cached_images(table, all_keys, size, cfg["workers"])
-                                 if cfg["cache_images"] else None)
+        all_train = ImageDataset(table, all_keys, size, cache=cached_images(table, all_keys, cfg))
         recompute_batchnorm(model, make_loader(all_train, None, cfg["batch_size"], cfg["workers"], rt), rt)
     batch = min(cfg["batch_size"], len(train_ds))
     eval_loader = {s: make_loader(d, None, cfg["batch_size"], cfg["workers"], rt) for s, d in eval_ds.items()}

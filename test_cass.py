@@ -1,10 +1,12 @@
-"""Tests of cass.py: each name states a property of the method or the program.
+"""Tests of cass.py: each name states a property of the method or of the program.
 
 Fixtures are tiny images written into tmp_path; runs use small encoders at 32 px on the CPU.
-Tests on the real images in ../shared/data skip when that folder is absent.
+Tests on the real images in ../shared/data skip when that folder is absent. The tools have
+their own tests (test_tools.py).
 """
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared" / "data"
 TINY = ["--preset", "tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "8", "--workers", "0",
         "--device", "cpu"]
-PRETRAIN = ["pretrain", *TINY, "--out-dim", "16", "--monitor-size", "16"]
+PRETRAIN = ["pretrain", *TINY, "--out-dim", "16"]
 FINETUNE = ["finetune", *TINY, "--epochs", "2"]
 
 
@@ -125,8 +127,20 @@ def small_pair(out_dim=16, cnn="resnet18"):
     torch.manual_seed(0)
     cfg = dict(cnn=cnn, vit="vit_tiny_patch16_224", img_size=32, patch_size=8, out_dim=out_dim,
                pretrained=False, cnn_weights=None, vit_weights=None)
-    cnn_m, vit_m, _, _ = cass.build_pair(cfg)
-    return cnn_m, vit_m
+    return cass.build_pair(cfg)
+
+
+CPU = cass.Runtime(torch.device("cpu"))
+STEP_CFG = dict(objective="cass", sched_unit="epoch", epochs=1, t_max=16, eta_min=1e-6)
+
+
+def pretrain_steps(cnn, vit, batches, lr=1e-3, **cfg):
+    """cass.pretrain_epoch over the given uint8 batches; returns its record and the optimiser and schedule."""
+    cfg = {**STEP_CFG, **cfg}
+    optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], lr)
+    scheduler = cass.cosine_schedule(optimizer, cfg)
+    record = cass.pretrain_epoch(cnn, vit, [(x, None) for x in batches], optimizer, CPU.scaler(), scheduler, CPU, cfg, 0)
+    return record, optimizer, scheduler
 
 
 def read_log(path):
@@ -134,7 +148,7 @@ def read_log(path):
 
 
 # ------------------------------------------------------------------------------------------
-# the CASS loss (eq. 1)
+# the CASS loss (eq. 1) and the opt-in terms
 # ------------------------------------------------------------------------------------------
 
 
@@ -166,34 +180,86 @@ def test_loss_sends_gradients_into_both_encoders():
         assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def test_the_default_objective_is_eq_1_and_the_opt_in_one_penalises_constant_and_correlated_outputs():
+    torch.manual_seed(0)
+    r, t = torch.randn(64, 32), torch.randn(64, 32)
+    assert cass.objective("cass", r, t) == cass.cass_loss(r, t)
+    healthy_var, healthy_cov = cass.variance_covariance(torch.randn(4096, 32))
+    assert healthy_var < 0.05 and healthy_cov < 0.1  # spread over the sphere: nothing to penalise
+    constant_var, _ = cass.variance_covariance(torch.ones(64, 32) + 1e-4 * torch.randn(64, 32))
+    assert constant_var > 0.9  # complete collapse
+    one_signal = torch.randn(64, 1) * torch.randn(1, 32) + 0.01 * torch.randn(64, 32)  # one direction
+    assert cass.variance_covariance(one_signal)[1] > 10 * healthy_cov  # dimensional collapse
+    assert cass.objective("cass-vc", r, t) > cass.cass_loss(r, t)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
 def test_both_encoders_emit_outputs_of_the_same_shape(preset):
-    p = {**cass.PRESETS["paper"], **cass.PRESETS[preset], "pretrained": False, "cnn_weights": None,
+    p = {**cass.PAPER, **(cass.TINY if preset == "tiny" else {}), "pretrained": False, "cnn_weights": None,
          "vit_weights": None}
-    cnn, vit, _, _ = cass.build_pair(p)
+    cnn, vit = cass.build_pair(p)
     x = torch.zeros(1, 3, p["img_size"], p["img_size"])
     with torch.no_grad():
         assert cnn.eval()(x).shape == vit.eval()(x).shape == (1, p["out_dim"])
 
 
 def test_one_batch_overfits():
+    """The optimiser plumbing of the pretraining step: the loss of one repeated batch falls (here, as from any
+    random initialisation, by collapse: this test shows that the step trains, not that CASS learns)."""
     cnn, vit = small_pair()
-    rt = cass.Runtime(torch.device("cpu"))
-    opt = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    first = None
-    for _ in range(40):
-        loss, _, _ = cass.pretrain_step(cnn, vit, x, opt, rt.scaler(), rt)
-        first = first if first is not None else float(loss)
-    assert first > 0.5 and float(loss) < 0.05
+    record, _, _ = pretrain_steps(cnn, vit, [x] * 30)
+    assert record["loss_first_step"] > 0.5 and record["loss_last_step"] < 0.05 and record["steps"] == 30
+
+
+def test_gradients_are_zeroed_every_step():
+    """Two steps on one batch leave the gradients of one step (the notebooks accumulate them): lr 0 keeps the
+    weights, so a step that forgot zero_grad would leave twice the gradient."""
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for steps in (1, 2):
+        cnn, vit = small_pair(cnn="convnext_atto")  # LayerNorm: the gradient does not depend on BatchNorm state
+        pretrain_steps(cnn, vit, [x] * steps, lr=0.0)
+        grads.append([p.grad.clone() for p in (*cnn.parameters(), *vit.parameters())])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(*grads))
+
+
+def test_schedule_is_the_papers_cosine_moving_per_epoch_or_per_step():
+    cnn, vit = small_pair()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    _, opt, sched = pretrain_steps(cnn, vit, [x] * 3)
+    assert sched.last_epoch == 1  # once per epoch by default
+    assert (sched.T_max, sched.eta_min) == (16, 1e-6)  # paper B.1.3
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi / 16)) / 2)
+    _, opt, sched = pretrain_steps(*small_pair(), [x] * 3, sched_unit="step")
+    assert sched.last_epoch == 3  # the notebooks: every step
+    lrs = []
+    for _ in range(32):  # after T_max the rate rises again: back at 1e-3 after 32 steps
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert min(lrs) == pytest.approx(1e-6) and lrs[-4] == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_collapse_monitor_reports_spread_and_near_zero_when_outputs_are_constant():
     torch.manual_seed(0)
-    spread = cass.output_spread(torch.randn(4096, 64))
-    assert spread == pytest.approx(1 / 8, rel=0.05)  # 1/sqrt(64)
-    constant = torch.ones(100, 64) + 1e-4 * torch.randn(100, 64)
-    assert cass.output_spread(constant) < 1e-3
+    assert float(cass.output_spread(torch.randn(4096, 64))) == pytest.approx(1 / 8, rel=0.05)  # 1/sqrt(64)
+    assert float(cass.output_spread(torch.ones(100, 64) + 1e-4 * torch.randn(100, 64))) < 1e-3
+
+
+def test_spectrum_tells_dimensional_collapse_from_a_spread_representation():
+    torch.manual_seed(0)
+    pc1, rank = cass.spectrum(torch.randn(500, 64))
+    assert pc1 < 0.1 and rank > 40
+    pc1, rank = cass.spectrum(torch.randn(500, 1) * torch.randn(1, 64) + 0.01 * torch.randn(500, 64) + 3)
+    assert pc1 > 0.9 and rank < 2
+
+
+def test_collapse_is_said_on_the_epoch_line():
+    r = dict(epoch=1, loss=0.0006, lr=1e-3, std_cnn=0.001, std_vit=0.05, std_healthy=0.0625, cos_cnn_vit=0.999,
+             images_per_s=10.0)
+    line = cass.format_epoch(r, dict(epochs=3, out_dim=256))
+    assert "COLLAPSE" in line and "cnn outputs spread" in line and "cosine above 0.99" in line and "README" in line
+    assert "COLLAPSE" not in cass.format_epoch({**r, "std_cnn": 0.05, "cos_cnn_vit": 0.3}, dict(epochs=3, out_dim=256))
 
 
 def test_knn_accuracy_finds_separated_classes():
@@ -211,21 +277,19 @@ def test_knn_accuracy_finds_separated_classes():
 
 def test_swa_weights_differ_from_last_weights_and_batchnorm_is_recomputed():
     cnn, vit = small_pair()
-    rt = cass.Runtime(torch.device("cpu"))
-    opt = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3)
+    optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], 1e-3)
+    scheduler = cass.cosine_schedule(optimizer, STEP_CFG)
     swa = torch.optim.swa_utils.AveragedModel(cnn)
     torch.manual_seed(1)
     batches = [torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8) for _ in range(3)]
     for x in batches:  # three "epochs", averaged after each
-        cass.pretrain_step(cnn, vit, x, opt, rt.scaler(), rt)
+        cass.pretrain_epoch(cnn, vit, [(x, None)], optimizer, CPU.scaler(), scheduler, CPU, STEP_CFG, 0)
         swa.update_parameters(cnn)
     stale = swa.module.bn1.running_mean.clone()
-    loader = [(x, None) for x in batches]
-    cass.recompute_batchnorm(swa, loader, rt)
+    cass.recompute_batchnorm(swa, [(x, None) for x in batches], CPU)
     last = dict(cnn.named_parameters())
     assert any(not torch.allclose(p, last[n]) for n, p in swa.module.named_parameters())
-    # recomputed: bn1's running mean is the mean of its input under the averaged weights
-    seen = []
+    seen = []  # recomputed: bn1's running mean is the mean of its input under the averaged weights
     handle = swa.module.bn1.register_forward_hook(lambda m, i, o: seen.append(i[0].mean(dim=(0, 2, 3))))
     swa.module.eval()
     with torch.no_grad():
@@ -277,12 +341,22 @@ def test_csv_without_labels_is_usable_for_pretraining(tmp_path):
     write_folder(tmp_path / "imgs", ("x",), 10)
     write_csv(tmp_path / "u.csv", [["image"]] + [[f"imgs/x/x_{i}.png"] for i in range(10)])
     table = cass.load_table("csv", tmp_path / "u.csv")
-    splits = cass.make_splits(table)
-    assert len(splits["train"]) == 10 and not table.labels
+    assert len(cass.make_splits(table)["train"]) == 10 and not table.labels
     code, out = run([*PRETRAIN, "--data", "csv", "--root", str(tmp_path / "u.csv"), "--epochs", "1",
                      "--out", str(tmp_path / "run")])
     assert code == 0, out
     assert (tmp_path / "run" / "cnn.pt").exists()
+
+
+def test_auto_splits_leave_out_listed_images_that_are_not_on_disk_and_say_how_many(tmp_path, capsys):
+    write_folder(tmp_path / "imgs", ("x", "y"), 10)
+    rows = [[f"imgs/{c}/{c}_{i}.png", c] for c in "xy" for i in range(10)] + [[f"imgs/x/gone_{i}.png", "x"] for i in range(5)]
+    write_csv(tmp_path / "x.csv", [["image", "label"]] + rows)
+    code, out = cli([*PRETRAIN, "--data", "csv", "--root", tmp_path / "x.csv", "--epochs", "1", "--out",
+                     tmp_path / "run"], capsys)
+    assert code == 0, out
+    assert "5 of the 25 images" in out and "the splits use the other 20" in out
+    assert sum(len(cass.read_csv(tmp_path / "run" / "splits" / f"{s}.csv")[1]) for s in ("train", "val", "test")) == 20
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16"])
@@ -291,12 +365,10 @@ def test_grey_rgb_rgba_and_16_bit_images_become_rgb_uint8(mode, tmp_path):
         img = Image.fromarray((np.arange(20 * 20).reshape(20, 20) * 150).astype(np.uint16))
     else:
         img = class_image(1, 0, 20, mode)
-    (tmp_path / "k" / "c").mkdir(parents=True)
-    (tmp_path / "k" / "d").mkdir(parents=True)
-    img.save(tmp_path / "k" / "c" / "a.png")
-    img.save(tmp_path / "k" / "d" / "b.png")
-    table = cass.load_table("folder", tmp_path / "k")
-    x = cass.decode_image(table, "c/a.png", 16)
+    for c in ("c", "d"):
+        (tmp_path / "k" / c).mkdir(parents=True)
+        img.save(tmp_path / "k" / c / "a.png")
+    x = cass.decode_image(cass.load_table("folder", tmp_path / "k"), "c/a.png", 16)
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
     if mode == "I;16":
         assert x.max() > 200  # scaled from 16 bits, not clipped to a few grey levels
@@ -319,10 +391,8 @@ def test_splits_are_nested_stratified_and_identical_for_the_same_seed():
 
 def test_committed_splits_are_used_by_default_and_match_the_generator():
     table = cass.load_table("digits", None)
-    fresh = cass.make_splits(table, 0)
-    folder = HERE / "data_splits" / "digits"
-    for name, keys in fresh.items():
-        assert cass.read_split(table, folder, name) == keys
+    splits, source = cass.load_splits(dict(splits=None), table)
+    assert source == str(HERE / "data_splits" / "digits") and splits == cass.make_splits(table, 0)
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
@@ -333,15 +403,24 @@ def test_committed_splits_cover_the_full_public_datasets(data, listing, total, t
     assert code == 0, out
     for name in ("train", "val", "test", "train_10pct", "train_1pct"):
         assert (tmp_path / f"{name}.csv").read_text() == (HERE / "data_splits" / data / f"{name}.csv").read_text()
-    n = sum(len((tmp_path / f"{s}.csv").read_text().splitlines()) - 1 for s in ("train", "val", "test"))
-    assert n == total
+    assert sum(len((tmp_path / f"{s}.csv").read_text().splitlines()) - 1 for s in ("train", "val", "test")) == total
 
 
 def test_brain_mri_test_split_is_the_curators_testing_folder(tmp_path):
-    table = cass.load_table("brain_mri", write_brain_mri(tmp_path / "b"))
-    splits = cass.make_splits(table)
+    splits = cass.make_splits(cass.load_table("brain_mri", write_brain_mri(tmp_path / "b")))
     assert all(k.startswith("Testing/") for k in splits["test"]) and len(splits["test"]) == 12
     assert all(k.startswith("Training/") for k in splits["train"] + splits["val"])
+
+
+def test_a_vendored_copy_without_data_splits_computes_and_records_its_splits(tmp_path):
+    (tmp_path / "vendor").mkdir()
+    (tmp_path / "vendor" / "cass.py").write_text((HERE / "cass.py").read_text())
+    p = subprocess.run([sys.executable, "cass.py", *PRETRAIN, "--epochs", "1", "--out", "run"],
+                       capture_output=True, text=True, cwd=tmp_path / "vendor", timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "splits auto" in p.stdout
+    assert json.load(open(tmp_path / "vendor" / "run" / "args.json"))["splits"] == "auto"
+    assert (tmp_path / "vendor" / "run" / "splits" / "train.csv").is_file()
 
 
 # ------------------------------------------------------------------------------------------
@@ -360,18 +439,43 @@ def test_local_weight_file_initialises_the_encoder(tmp_path):
     assert model.fc.out_features == 16  # the 1000-way head is dropped for a 16-wide one
 
 
+def test_imagenet_weights_from_a_file_serve_the_imagenet_baseline_of_finetune(tmp_path):
+    import timm
+
+    torch.manual_seed(4)
+    source = timm.create_model("resnet18", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "imagenet-resnet18.pth")
+    root = write_folder(tmp_path / "d", n=8)
+    assert cass.main([*FINETUNE, "--data", "folder", "--root", root, "--init", "imagenet", "--arm", "cnn", "--epochs",
+                      "1", "--mode", "linear", "--cnn-weights", tmp_path / "imagenet-resnet18.pth", "--out",
+                      tmp_path / "f"]) == 0
+    assert torch.equal(_state(tmp_path / "f" / "best.pt")["conv1.weight"], source.conv1.weight)
+
+
 def test_imagenet_weights_without_network_fail_fast_with_one_sentence(tmp_path):
     t0 = time.time()
-    # A closed local port stands in for the hub, so the test never depends on the network.
+    # a closed local port stands in for the hub, so the test never depends on the network
     code, out = run([*PRETRAIN, "--pretrained", "--epochs", "1", "--out", str(tmp_path / "r")],
                     env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
     assert time.time() - t0 < 30
     assert code == 2
-    assert "--no-pretrained" in out and "--cnn-weights" in out and "Traceback" not in out
+    assert "--preset tiny" in out and "--no-pretrained" in out and "--cnn-weights" in out and "Traceback" not in out
+    assert not (tmp_path / "r").exists()  # no folder for a run that never started
+
+
+def test_an_encoder_file_of_another_architecture_is_refused_and_a_matching_one_loads(tmp_path):
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=16)
+    torch.save(cass.encoder_record(model, "resnet18", {}, "cnn", {}), tmp_path / "cnn.pt")
+    with pytest.raises(cass.UserError, match="holds a resnet18"):
+        cass.create_encoder("resnet34", 16, {}, weights=tmp_path / "cnn.pt")
+    same = cass.create_encoder("resnet18", 16, {}, weights=tmp_path / "cnn.pt")
+    assert torch.equal(same.conv1.weight, model.conv1.weight)
 
 
 # ------------------------------------------------------------------------------------------
-# pretrain end to end
+# pretrain end to end, config
 # ------------------------------------------------------------------------------------------
 
 
@@ -383,30 +487,49 @@ def test_pretrain_writes_every_output_and_encoders_rebuild_with_timm(tmp_path):
                      "--out", str(tmp_path / "run")])
     assert code == 0, out
     run_dir = tmp_path / "run"
-    for name in ("args.json", "log.jsonl", "last.pt", "cnn.pt", "vit.pt", "splits/train.csv"):
+    for name in ("args.json", "log.jsonl", "cnn.pt", "vit.pt", "splits/train.csv"):
         assert (run_dir / name).exists(), name
+    assert not (run_dir / "last.pt").exists() and not (run_dir / "run.lock").exists()  # only for resuming
     log = read_log(run_dir / "log.jsonl")
-    epochs = [r for r in log if r.get("phase") != "init"]
-    assert [r["epoch"] for r in epochs] == [1, 2]
-    for key in ("loss", "lr", "seconds", "images_per_s", "std_cnn", "std_vit", "knn_cnn_feat"):
-        assert key in epochs[0]
-    assert "epoch   2/2" in out
-    # the three lines the README shows
-    ck = torch.load(run_dir / "cnn.pt", weights_only=True)
+    assert log[0]["phase"] == "init" and {"majority", "knn_raw_pixels", "rank_cnn", "pc1_vit"} <= set(log[0])
+    assert [r["epoch"] for r in log[1:]] == [1, 2]
+    for key in ("loss", "lr", "seconds", "images_per_s", "std_cnn", "std_vit", "knn_cnn_feat", "rank_cnn", "rank_vit",
+                "pc1_cnn", "val_cos", "cos_cnn_vit"):
+        assert key in log[1], key
+    assert "epoch   2/2" in out and "majority class" in out and "raw pixels" in out
+    args = json.load(open(run_dir / "args.json"))
+    assert args["command"] == "pretrain" and args["splits"] == "auto" and args["t_max"] == 16
+    ck = torch.load(run_dir / "cnn.pt", weights_only=True)  # the README's three lines
     model = timm.create_model(ck["model"], num_classes=ck["num_classes"], **ck["kwargs"])
     model.load_state_dict(ck["state_dict"])
     assert ck["model"] == "resnet18" and model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 16)
-    vit = torch.load(run_dir / "vit.pt", weights_only=True)
-    assert vit["kwargs"] == {"img_size": 32, "patch_size": 8}
+    assert torch.load(run_dir / "vit.pt", weights_only=True)["kwargs"] == {"img_size": 32, "patch_size": 8}
 
 
 def test_tiny_preset_overrides_paper_defaults_and_flags_override_the_preset():
-    args = cass.build_parser().parse_args(["pretrain", "--preset", "tiny", "--img-size", "48"])
-    cfg = cass.resolve_config(args, "pretrain")
+    cfg = cass.resolve("pretrain", {"preset": "tiny", "img_size": 48})
     assert cfg["cnn"] == "resnet18" and cfg["img_size"] == 48 and cfg["pretrained"] is False
-    paper = cass.resolve_config(cass.build_parser().parse_args(["pretrain"]), "pretrain")
+    paper = cass.resolve("pretrain", {})
     assert (paper["cnn"], paper["vit"], paper["img_size"], paper["batch_size"], paper["epochs"], paper["lr"]) == \
         ("resnet50", "vit_base_patch16_384", 384, 16, 100, 1e-3)
+    assert paper["swa_start"] == 75 and paper["objective"] == "cass"
+    ft = cass.resolve("finetune", {"preset": "tiny"})
+    assert (ft["lr"], ft["epochs"], ft["batch_size"], ft["patience"]) == (3e-4, 15, 16, 5)
+
+
+def test_every_flag_of_every_command_has_help_and_shows_its_default():
+    import argparse
+
+    parser = cass.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(cass.COMMANDS)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help and (action.required or "(default: " in action.help), (name, action.dest)
+    text = " ".join(commands["finetune"].format_help().split())
+    assert "(default: paper: 0.0003; tiny: 0.0003)" in text and "(default: paper: 50; tiny: 15)" in text
+    assert "(default: paper: resnet50; tiny: resnet18)" in " ".join(commands["pretrain"].format_help().split())
 
 
 @pytest.mark.skipif(not (SHARED / "brain_mri_224").is_dir(), reason="../shared/data is absent")
@@ -414,6 +537,25 @@ def test_committed_brain_mri_splits_name_the_missing_files_on_the_partial_copy(t
     code, out = run([*PRETRAIN, "--data", "brain_mri", "--root", str(SHARED / "brain_mri_224"), "--epochs", "1",
                      "--out", str(tmp_path / "r")])
     assert code == 2 and "4 of the 5140 images" in out and "--splits auto" in out
+
+
+def test_an_isic_csv_without_the_diagnosis_columns_names_the_columns_it_expected(tmp_path, capsys):
+    root = write_isic(tmp_path / "i")
+    write_csv(root / "ISIC_2019_Training_GroundTruth.csv", [["image", "foo"], ["ISIC_0000000", "1"]])
+    code, out = cli([*PRETRAIN, "--data", "isic2019", "--root", root, "--splits", "auto", "--out", tmp_path / "r"],
+                    capsys)
+    assert code == 2 and "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC" in out, out
+
+
+def test_isic_auto_splits_use_the_rows_whose_images_are_on_disk(tmp_path, capsys):
+    root = write_isic(tmp_path / "i", n=6)
+    header, rows = cass.read_csv(root / "ISIC_2019_Training_GroundTruth.csv")
+    extra = [[f"ISIC_9{i:06d}"] + r[1:] for i, r in enumerate(rows * 3)]  # rows of the full CSV, images absent
+    write_csv(root / "ISIC_2019_Training_GroundTruth.csv", [header] + rows + extra)
+    code, out = cli([*PRETRAIN, "--data", "isic2019", "--root", root, "--splits", "auto", "--epochs", "1", "--out",
+                     tmp_path / "r"], capsys)
+    assert code == 0, out
+    assert f"{len(extra)} of the {len(rows) + len(extra)} images" in out and "use --splits auto" not in out
 
 
 # ------------------------------------------------------------------------------------------
@@ -442,8 +584,7 @@ def test_focal_loss_matches_the_formula_with_gamma_two_and_weights():
 
 def test_inverse_weights_favour_the_rarest_class_and_paper_weights_the_majority():
     counts = [100, 10, 50]
-    inv = cass.class_weights(counts, "inverse")
-    paper = cass.class_weights(counts, "paper")
+    inv, paper = cass.class_weights(counts, "inverse"), cass.class_weights(counts, "paper")
     assert inv.argmax() == 1 and inv.argmin() == 0
     assert paper.argmax() == 0 and paper.argmin() == 1
     assert paper[0].item() == pytest.approx(1.0) and paper[1].item() == pytest.approx(0.2)
@@ -497,13 +638,12 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement():
 def test_one_batch_fine_tune_overfits():
     cnn, _ = small_pair()
     cnn.reset_classifier(3)
-    rt = cass.Runtime(torch.device("cpu"))
     opt = cass.make_adam(cnn.parameters(), 3e-3)
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     y = torch.eye(3)[torch.tensor([0, 1, 2, 0, 1, 2])]
-    for _ in range(40):
-        loss = cass.supervised_step(cnn, x, y, opt, rt.scaler(), None, rt, cass.normalize)
-    assert float(loss) < 0.01
+    cfg = dict(focal_alpha=1.0, focal_gamma=2.0)
+    loss = cass.finetune_epoch(cnn, [(x, y)] * 40, opt, CPU.scaler(), None, CPU, cfg, cass.normalize, "overfit")
+    assert loss < 0.05
     cnn.eval()
     assert (cnn(cass.normalize(x)).argmax(1) == y.argmax(1)).all()
 
@@ -511,11 +651,9 @@ def test_one_batch_fine_tune_overfits():
 def test_linear_mode_leaves_the_encoder_unchanged_while_the_head_learns(tmp_path):
     root = write_folder(tmp_path / "data", n=10)
     cass.main([*PRETRAIN, "--data", "folder", "--root", str(root), "--epochs", "1", "--out", str(tmp_path / "p")])
-    assert cass.main([*FINETUNE, "--data", "folder", "--root", str(root), "--splits", str(tmp_path / "p" / "splits"),
-                      "--init", str(tmp_path / "p"), "--arm", "cnn", "--mode", "linear", "--epochs", "5",
+    assert cass.main([*FINETUNE, "--init", str(tmp_path / "p"), "--arm", "cnn", "--mode", "linear", "--epochs", "5",
                       "--lr", "1e-2", "--out", str(tmp_path / "f")]) == 0
-    before = torch.load(tmp_path / "p" / "cnn.pt", weights_only=True)["state_dict"]
-    after = torch.load(tmp_path / "f" / "best.pt", weights_only=True)["state_dict"]
+    before, after = _state(tmp_path / "p" / "cnn.pt"), _state(tmp_path / "f" / "best.pt")
     for k, v in before.items():
         if not k.startswith("fc."):
             assert torch.equal(v, after[k]), k
@@ -544,8 +682,7 @@ def test_evaluate_reproduces_finetune_and_an_ensemble_of_two_runs(tmp_path):
     assert cass.main([*FINETUNE, *common, "--init", "random", "--arm", "vit", "--out", str(tmp_path / "v")]) == 0
     assert cass.main(["evaluate", "--ckpt", str(tmp_path / "c" / "best.pt"), "--device", "cpu", "--workers", "0",
                       "--out", str(tmp_path / "e.json")]) == 0
-    written = json.load(open(tmp_path / "c" / "metrics.json"))["test"]
-    again = json.load(open(tmp_path / "e.json"))
+    written, again = json.load(open(tmp_path / "c" / "metrics.json"))["test"], json.load(open(tmp_path / "e.json"))
     for key in ("accuracy", "f1_macro", "balanced_accuracy", "confusion_matrix"):
         assert again[key] == written[key]
     assert again["roc_auc_ovr"] == pytest.approx(written["roc_auc_ovr"], abs=1e-6)
@@ -564,20 +701,44 @@ def test_multilabel_fine_tune_on_tiff_tiles(tmp_path):
 
 
 def test_pretrain_then_finetune_at_ten_percent_then_evaluate_as_a_user_would(tmp_path):
+    """finetune takes the --init run's dataset, preset, image size and splits: none is repeated."""
     root = write_folder(tmp_path / "data", n=30)  # 10% of the 24 training images per class
-    common = ["--data", "folder", "--root", str(root)]
-    code, out = run([*PRETRAIN, *common, "--epochs", "1", "--out", str(tmp_path / "p")])
+    code, out = run([*PRETRAIN, "--data", "folder", "--root", str(root), "--splits", "auto", "--epochs", "1",
+                     "--out", str(tmp_path / "p")])
     assert code == 0, out
-    code, out = run([*FINETUNE, *common, "--splits", str(tmp_path / "p" / "splits"), "--init", str(tmp_path / "p"),
-                     "--arm", "vit", "--label-fraction", "0.1", "--out", str(tmp_path / "f")])
+    code, out = run(["finetune", "--init", str(tmp_path / "p"), "--arm", "vit", "--label-fraction", "0.1", "--epochs",
+                     "2", "--workers", "0", "--out", str(tmp_path / "f")])
     assert code == 0, out
-    assert "train_10pct" in out
+    first = out.splitlines()[0]
+    assert "train_10pct" in first and "at 32 px" in first and "at most 2 epochs" in first and "p/splits" in first
     code, out = run(["evaluate", "--ckpt", str(tmp_path / "f" / "best.pt"), "--device", "cpu"])
     assert code == 0 and "f1_macro" in out, out
 
 
+def test_predict_writes_class_probabilities_and_labels_of_new_images_as_evaluation_sees_them(tmp_path):
+    root = write_folder(tmp_path / "data", n=10)
+    assert cass.main([*FINETUNE, "--data", "folder", "--root", root, "--splits", "auto", "--init", "random", "--arm",
+                      "cnn", "--epochs", "1", "--out", tmp_path / "f"]) == 0
+    new = write_folder(tmp_path / "new", ("x",), 4)  # unseen images in any layout
+    assert cass.main(["predict", "--ckpt", tmp_path / "f" / "best.pt", "--images", new, "--out", tmp_path / "p.csv",
+                      "--device", "cpu", "--workers", "0"]) == 0
+    header, rows = cass.read_csv(tmp_path / "p.csv")
+    assert header == ["image", "a", "b", "c", "predicted"] and len(rows) == 4
+    model, preprocess, classes = cass.load_model(tmp_path / "f" / "best.pt")  # the same model from Python
+    for r in rows:
+        probs = np.array([float(v) for v in r[1:4]])
+        assert probs.sum() == pytest.approx(1, abs=1e-4) and r[4] == classes[int(probs.argmax())]
+        with torch.no_grad(), Image.open(r[0]) as img:
+            expected = torch.softmax(model(preprocess(img)), dim=1)[0].numpy()
+        assert np.allclose(probs, expected, atol=1e-5)
+    write_csv(tmp_path / "list.csv", [["image"]] + [[r[0]] for r in rows])  # absolute paths in a CSV
+    assert cass.main(["predict", "--ckpt", tmp_path / "f" / "best.pt", "--images", tmp_path / "list.csv", "--out",
+                      tmp_path / "q.csv", "--device", "cpu", "--workers", "0"]) == 0
+    assert cass.read_csv(tmp_path / "q.csv")[1] == rows
+
+
 # ------------------------------------------------------------------------------------------
-# interrupted runs: resume, kill -9, Ctrl-C, existing run folders
+# interrupted runs: resume, kill -9, Ctrl-C, claimed run folders
 # ------------------------------------------------------------------------------------------
 
 
@@ -594,7 +755,7 @@ def test_two_epochs_equal_one_epoch_plus_resume_and_same_seed_runs_are_identical
     common = [*PRETRAIN, "--data", "folder", "--root", str(root), "--splits", "auto", "--swa-start", "1"]
     assert cass.main([*common, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
     assert cass.main([*common, "--epochs", "2", "--out", str(tmp_path / "b")]) == 0
-    assert cass.main([*common, "--epochs", "1", "--out", str(tmp_path / "c")]) == 0
+    assert cass.main([*common, "--epochs", "1", "--keep-last", "--out", str(tmp_path / "c")]) == 0
     assert cass.main([*common, "--epochs", "2", "--out", str(tmp_path / "c"), "--resume"]) == 0
     assert _epoch_losses(tmp_path / "a" / "log.jsonl") == _epoch_losses(tmp_path / "b" / "log.jsonl")
     assert _epoch_losses(tmp_path / "a" / "log.jsonl") == _epoch_losses(tmp_path / "c" / "log.jsonl")
@@ -607,12 +768,20 @@ def test_finetune_resume_gives_the_same_weights(tmp_path):
     root = write_folder(tmp_path / "data", n=8)
     common = [*FINETUNE, "--data", "folder", "--root", str(root), "--splits", "auto", "--init", "random"]
     assert cass.main([*common, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
-    assert cass.main([*common, "--epochs", "1", "--out", str(tmp_path / "c")]) == 0
+    assert cass.main([*common, "--epochs", "1", "--keep-last", "--out", str(tmp_path / "c")]) == 0
     assert cass.main([*common, "--epochs", "2", "--out", str(tmp_path / "c"), "--resume"]) == 0
     a, c = _state(tmp_path / "a" / "best.pt"), _state(tmp_path / "c" / "best.pt")
     assert all(torch.equal(a[k], c[k]) for k in a)
     assert [r["val_loss"] for r in read_log(tmp_path / "a" / "log.jsonl")] == \
         [r["val_loss"] for r in read_log(tmp_path / "c" / "log.jsonl")]
+
+
+def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", n=8)
+    common = [*PRETRAIN, "--data", "folder", "--root", str(root), "--out", tmp_path / "r"]
+    assert cass.main([*common, "--epochs", "1", "--keep-last"]) == 0
+    code, out = cli([*common, "--epochs", "2", "--resume", "--lr", "0.1"], capsys)
+    assert code == 2 and "--lr 0.1 differs" in out, out
 
 
 def _start(args):
@@ -638,40 +807,64 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path):
     proc.wait()
     ck = torch.load(out / "last.pt", weights_only=True)  # intact whatever moment the kill came
     assert ck["epoch"] >= 1
-    code, text = run([*args, "--resume", "--epochs", str(ck["epoch"] + 1)])
+    code, text = run([*args, "--resume", "--epochs", str(ck["epoch"] + 1)])  # the dead run's lock is taken over
     assert code == 0, text
-    epochs = [r["epoch"] for r in read_log(out / "log.jsonl")]
-    assert epochs == list(range(0, ck["epoch"] + 2))  # no epoch logged twice
+    assert [r["epoch"] for r in read_log(out / "log.jsonl")] == list(range(0, ck["epoch"] + 2))  # none twice
     assert (out / "cnn.pt").exists()
 
 
-def test_ctrl_c_stops_after_the_step_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+def test_ctrl_c_and_sigterm_stop_the_run_keep_the_finished_epochs_and_say_how_to_resume(tmp_path):
     root = write_folder(tmp_path / "data", n=8)
-    out = tmp_path / "run"
-    args = [*PRETRAIN, "--data", "folder", "--root", str(root), "--epochs", "30", "--out", str(out)]
-    proc = _start(args)
-    _wait_for(lambda: (out / "log.jsonl").exists() and len(read_log(out / "log.jsonl")) >= 2, proc)
-    proc.send_signal(signal.SIGINT)
-    text = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2, text
-    assert "--resume" in text and "Traceback" not in text
-    ck = torch.load(out / "last.pt", weights_only=True)
-    code, text = run([*args, "--resume", "--epochs", str(ck["epoch"] + 1)])
-    assert code == 0, text
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / f"run{int(sig)}"
+        args = [*PRETRAIN, "--data", "folder", "--root", str(root), "--epochs", "30", "--out", str(out)]
+        proc = _start(args)
+        _wait_for(lambda: (out / "last.pt").exists() and len(read_log(out / "log.jsonl")) >= 2, proc)
+        proc.send_signal(sig)
+        text = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 2, text
+        assert "--resume" in text and "Traceback" not in text
+        ck = torch.load(out / "last.pt", weights_only=True)
+        code, text = run([*args, "--resume", "--epochs", str(ck["epoch"] + 1)])
+        assert code == 0, text
 
 
-def test_an_existing_run_folder_is_never_overwritten_silently(tmp_path, capsys):
+def test_an_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     root = write_folder(tmp_path / "data", n=8)
     args = [*PRETRAIN, "--data", "folder", "--root", str(root), "--epochs", "1", "--out", str(tmp_path / "r")]
     assert cass.main(args) == 0
     before = (tmp_path / "r" / "cnn.pt").read_bytes()
     code, text = cli(args, capsys)
-    assert code == 2 and "--resume" in text and "--overwrite" in text
+    assert code == 2 and "already holds a run" in text
     assert (tmp_path / "r" / "cnn.pt").read_bytes() == before
 
 
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", n=8)
+    (tmp_path / "r").mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "r" / "run.lock").write_text(str(other.pid))
+        code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--epochs", "1", "--out", tmp_path / "r"], capsys)
+    finally:
+        other.kill()
+        other.wait()
+    assert code == 2 and f"in use by another running process (pid {other.pid})" in text, text
+    assert not (tmp_path / "r" / "args.json").exists()
+
+
+def test_progress_without_a_terminal_prints_a_plain_line_inside_the_epoch(capsys, monkeypatch):
+    clock = iter(range(0, 1000, 20))
+    monkeypatch.setattr(cass.time, "monotonic", lambda: next(clock))
+    bar = cass.Progress(list(range(5)), "epoch 1/3")
+    for i in bar:
+        bar.note(f"loss {i}")
+    out = capsys.readouterr().out
+    assert "epoch 1/3: step 2/5" in out and "loss 1" in out
+
+
 # ------------------------------------------------------------------------------------------
-# bad input: one sentence naming the culprit, exit status 2, no traceback
+# bad input: one sentence naming the culprit, exit status 2, no traceback, no empty run folder
 # ------------------------------------------------------------------------------------------
 
 
@@ -692,11 +885,9 @@ def _bad_csv_labels(t):
     return ["--data", "csv", "--root", str(t / "x.csv")], "must hold 0 or 1"
 
 
-def _bad_csv_missing_images(t):
-    write_folder(t / "imgs", ("x",), 10)
-    write_csv(t / "x.csv", [["image"]] + [[f"imgs/x/x_{i}.png"] for i in range(10)] +
-              [[f"imgs/x/gone_{i}.png"] for i in range(5)])
-    return ["--data", "csv", "--root", str(t / "x.csv")], "5 of the"
+def _bad_csv_no_images(t):
+    write_csv(t / "x.csv", [["image"]] + [[f"imgs/gone_{i}.png"] for i in range(5)])
+    return ["--data", "csv", "--root", str(t / "x.csv")], "none of the 5 images"
 
 
 def _bad_undecodable(t):
@@ -725,7 +916,7 @@ BAD_PRETRAIN = {
     "class folder without images": _bad_folder_empty_class,
     "csv without image column": _bad_csv_columns,
     "csv labels not 0/1": _bad_csv_labels,
-    "csv lists missing images": _bad_csv_missing_images,
+    "csv lists no image on disk": _bad_csv_no_images,
     "undecodable image": _bad_undecodable,
     "zero-byte image": _bad_zero_byte,
     "committed splits do not match": _bad_committed_splits,
@@ -741,11 +932,12 @@ def test_bad_input_to_pretrain_gets_one_clear_sentence(case, tmp_path, capsys):
     if case == "cuda without a gpu" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     fixture = ["--data", "folder", "--root", str(write_folder(tmp_path / "ok"))]
-    args = [*PRETRAIN, "--epochs", "1", "--out", str(tmp_path / "run"), *fixture, *extra]
-    code, out = cli(args, capsys)
+    code, out = cli([*PRETRAIN, "--epochs", "1", "--out", str(tmp_path / "run"), *fixture, *extra], capsys)
     assert code == 2, out
     assert expected in out and "Traceback" not in out
     assert out.strip().splitlines()[-1].startswith("error: ")
+    if case != "undecodable image":  # found inside the first epoch, when the folder exists
+        assert not (tmp_path / "run").exists()  # a run that fails its checks leaves no folder
 
 
 def test_an_undecodable_image_read_by_a_worker_process_is_named_on_the_command_line(tmp_path):
@@ -770,22 +962,25 @@ def _bad_init_foreign(t):
     return ["--init", str(t / "foreign.pt")], "not an encoder file"
 
 
-def _bad_init_arm(t):
-    root = write_folder(t / "p_data")
-    cass.main([*PRETRAIN, "--data", "folder", "--root", str(root), "--epochs", "1", "--out", str(t / "p")])
-    return ["--init", str(t / "p" / "vit.pt"), "--arm", "cnn"], "holds the vit arm"
+def _pretrained_run(t):
+    cass.main([*PRETRAIN, "--data", "folder", "--root", str(write_folder(t / "p_data")), "--epochs", "1", "--out",
+               str(t / "p")])
+    return t / "p"
 
 
 def _bad_one_class(t):
-    root = write_folder(t / "one", ("only",), 12)
-    return ["--data", "folder", "--root", str(root), "--init", "random"], "at least two"
+    return ["--data", "folder", "--root", str(write_folder(t / "one", ("only",), 12)), "--init", "random"], "at least two"
 
 
 BAD_FINETUNE = {
-    "label fraction above 1": lambda t: (["--label-fraction", "1.5", "--init", "random"], "outside (0, 1]"),
-    "label fraction 0": lambda t: (["--label-fraction", "0", "--init", "random"], "outside (0, 1]"),
+    "label fraction above 1": lambda t: (["--label-fraction", "1.5", "--init", "random"], "not 1.0, 0.1 or 0.01"),
+    "label fraction 0": lambda t: (["--label-fraction", "0", "--init", "random"], "not 1.0, 0.1 or 0.01"),
     "init not written by cass": _bad_init_foreign,
-    "init of the other arm": _bad_init_arm,
+    "init of the other arm": lambda t: (["--init", str(_pretrained_run(t) / "vit.pt"), "--arm", "cnn"],
+                                        "holds the vit arm"),
+    "run folder without --arm": lambda t: (["--init", str(_pretrained_run(t))], "add --arm cnn or --arm vit"),
+    "folder that is no run": lambda t: (["--init", str(write_folder(t / "x")), "--arm", "cnn"],
+                                        "is not a finished pretraining run folder"),
     "fewer than two classes": _bad_one_class,
     "no init": lambda t: ([], "--init"),
 }
@@ -798,44 +993,46 @@ def test_bad_input_to_finetune_gets_one_clear_sentence(case, tmp_path, capsys):
     code, out = cli([*FINETUNE, "--out", str(tmp_path / "run"), *fixture, *extra], capsys)
     assert code == 2, out
     assert expected in out and "Traceback" not in out
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_refuses_a_checkpoint_for_another_class_count_or_program(tmp_path, capsys):
     root = write_folder(tmp_path / "d", n=10)
     assert cass.main([*FINETUNE, "--data", "folder", "--root", str(root), "--splits", "auto", "--init", "random",
                       "--epochs", "1", "--out", str(tmp_path / "f")]) == 0
-    other = write_folder(tmp_path / "other", ("p", "q"), 10)
+    other = write_folder(tmp_path / "other", ("a", "q"), 10)
     code, out = cli(["evaluate", "--ckpt", tmp_path / "f" / "best.pt", "--data", "folder", "--root", other,
                      "--splits", "auto"], capsys)
-    assert code == 2 and "3 classes" in out and "has 2" in out, out
+    assert code == 2 and "made for 3 classes" in out and "has 2" in out and "class 1: b against q" in out, out
     code, out = cli(["evaluate", "--ckpt", tmp_path / "f" / "args.json"], capsys)
     assert code == 2 and "args.json" in out and "Traceback" not in out, out
 
 
 # ------------------------------------------------------------------------------------------
-# data-parallel training (DDP, gloo on the CPU)
+# data-parallel pretraining (DDP, gloo on the CPU)
 # ------------------------------------------------------------------------------------------
 
 DDP_SCRIPT = """
-import sys, types, torch
+import sys, torch
 sys.path.insert(0, {here!r})
 import cass
 rt = cass.make_runtime("cpu", "fp32")
 torch.manual_seed(0)
-cnn, vit, _, _ = cass.build_pair(dict(cnn="convnext_atto", vit="vit_tiny_patch16_224", img_size=32, patch_size=8,
-                                      out_dim=16, pretrained=False, cnn_weights=None, vit_weights=None))
-ddp_cnn, ddp_vit = cass.wrap_ddp(cnn, rt), cass.wrap_ddp(vit, rt)
+cnn, vit = cass.build_pair(dict(cnn="convnext_atto", vit="vit_tiny_patch16_224", img_size=32, patch_size=8, out_dim=16,
+                                pretrained=False, cnn_weights=None, vit_weights=None))
 images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-dataset = cass.FeatureDataset(images, torch.zeros(32, 1))
+table = cass.Table("synthetic", [], False, {{}}, [str(i) for i in range(32)])
+dataset = cass.ImageDataset(table, table.keys, 32, cache=images)
 init = {{**{{"cnn." + k: v.clone() for k, v in cnn.state_dict().items()}}, **{{"vit." + k: v.clone() for k, v in vit.state_dict().items()}}}}
 torch.save(init, sys.argv[1] + "/init.pt")
 sampler = cass.EpochSampler(32, 8, 0, rank=rt.rank, world=rt.world)
 loader = cass.make_loader(dataset, sampler, 8 // rt.world, 0, rt)
-optimizer = cass.make_adam(list(cnn.parameters()) + list(vit.parameters()), 1e-3)
+optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], 1e-3)
+cfg = dict(objective="cass", sched_unit="epoch", epochs=2, t_max=16, eta_min=1e-6)
+scheduler = cass.cosine_schedule(optimizer, cfg)
 for epoch in range(2):
     sampler.set_epoch(epoch)
-    cass.pretrain_one_epoch(ddp_cnn, ddp_vit, loader, optimizer, rt.scaler(), None, rt, dict(sched_unit="epoch"),
-                            epoch, cass.new_accumulators(), types.SimpleNamespace(requested=False))
+    cass.pretrain_epoch(cass.wrap_ddp(cnn, rt), cass.wrap_ddp(vit, rt), loader, optimizer, rt.scaler(), scheduler, rt, cfg, epoch)
 state = {{**{{"cnn." + k: v for k, v in cnn.state_dict().items()}}, **{{"vit." + k: v for k, v in vit.state_dict().items()}}}}
 torch.save(state, sys.argv[1] + f"/rank{{rt.rank}}.pt")
 """
@@ -846,10 +1043,6 @@ def _torchrun(args, n=2):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args],
                        capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
     return p.returncode, p.stdout + p.stderr
-
-
-def _max_difference(a, b):
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def _relative_update_difference(a, b, init):
@@ -870,29 +1063,33 @@ def test_ddp_ranks_hold_identical_weights_equal_to_one_process_on_the_same_globa
     p = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, cwd=HERE)
     assert p.returncode == 0, p.stderr
     r0, r1 = torch.load(tmp_path / "two" / "rank0.pt"), torch.load(tmp_path / "two" / "rank1.pt")
-    single = torch.load(tmp_path / "one" / "rank0.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # DDP keeps the replicas in lockstep
-    # Equal up to float rounding (Adam divides by sqrt(v), so rounding in near-zero gradients
-    # shows up as differences of up to ~lr in single weights; the update as a whole agrees).
-    assert _relative_update_difference(r0, single, torch.load(tmp_path / "one" / "init.pt")) < 1e-3
+    # Equal up to float rounding (Adam divides by sqrt(v), so rounding in near-zero gradients shows up as
+    # differences of up to ~lr in single weights; the update as a whole agrees).
+    single, init = torch.load(tmp_path / "one" / "rank0.pt"), torch.load(tmp_path / "one" / "init.pt")
+    assert _relative_update_difference(r0, single, init) < 1e-3
 
 
-def test_torchrun_pretrain_matches_a_single_process_run(tmp_path):
+def test_torchrun_pretrain_matches_a_single_process_run_and_finetune_says_it_runs_in_one(tmp_path):
     root = write_folder(tmp_path / "d", n=8)
     args = [*PRETRAIN, "--cnn", "convnext_atto", "--data", "folder", "--root", str(root), "--splits", "auto",
-            "--epochs", "2", "--monitor-every", "0"]
+            "--epochs", "2"]
     code, out = _torchrun([str(HERE / "cass.py"), *args, "--out", str(tmp_path / "ddp")])
     assert code == 0, out
     code, out = run([*args, "--out", str(tmp_path / "single")])
     assert code == 0, out
     for arm in ("cnn.pt", "vit.pt"):
-        assert _max_difference(_state(tmp_path / "ddp" / arm), _state(tmp_path / "single" / arm)) < 2e-3
-    ddp_loss = _epoch_losses(tmp_path / "ddp" / "log.jsonl")
-    assert ddp_loss == pytest.approx(_epoch_losses(tmp_path / "single" / "log.jsonl"), rel=1e-4)
+        a, b = _state(tmp_path / "ddp" / arm), _state(tmp_path / "single" / arm)
+        assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 2e-3
+    assert _epoch_losses(tmp_path / "ddp" / "log.jsonl") == pytest.approx(
+        _epoch_losses(tmp_path / "single" / "log.jsonl"), rel=1e-4)
+    code, out = _torchrun([str(HERE / "cass.py"), *FINETUNE, "--init", str(tmp_path / "single"), "--arm", "cnn",
+                           "--out", str(tmp_path / "ft")])
+    assert code != 0 and "finetune runs in one process" in out
 
 
 # ------------------------------------------------------------------------------------------
-# later additions: unlabelled rows, encoder files of another architecture, forced collapse
+# the collapse monitor and the random-bn control on real runs
 # ------------------------------------------------------------------------------------------
 
 
@@ -903,19 +1100,7 @@ def test_a_multilabel_csv_may_leave_some_images_unlabelled(tmp_path):
     write_csv(tmp_path / "m.csv", rows)
     table = cass.load_table("csv", tmp_path / "m.csv")
     assert len(table.keys) == 12 and len(table.labels) == 8
-    splits = cass.make_splits(table)
-    assert {f"imgs/x/x_{i}.png" for i in range(8, 12)} <= set(splits["train"])
-
-
-def test_an_encoder_file_of_another_architecture_is_refused_and_a_matching_one_loads(tmp_path):
-    import timm
-
-    model = timm.create_model("resnet18", num_classes=16)
-    torch.save(cass.encoder_record(model, "resnet18", {}, "cnn", {}), tmp_path / "cnn.pt")
-    with pytest.raises(cass.UserError, match="holds a resnet18"):
-        cass.create_encoder("resnet34", 16, {}, weights=tmp_path / "cnn.pt")
-    same = cass.create_encoder("resnet18", 16, {}, weights=tmp_path / "cnn.pt")
-    assert torch.equal(same.conv1.weight, model.conv1.weight)
+    assert {f"imgs/x/x_{i}.png" for i in range(8, 12)} <= set(cass.make_splits(table)["train"])
 
 
 def test_the_monitor_reports_near_zero_spread_when_both_arms_collapse(tmp_path):
@@ -927,10 +1112,11 @@ def test_the_monitor_reports_near_zero_spread_when_both_arms_collapse(tmp_path):
     splits = cass.make_splits(table)
     loaders = {s: torch.utils.data.DataLoader(cass.ImageDataset(table, splits[s], 32), batch_size=8)
                for s in ("train", "val")}
-    m = cass.monitor(cnn, vit, loaders, cass.Runtime(torch.device("cpu")))
+    m = cass.monitor(cnn, vit, loaders, CPU, baselines=True)
     assert m["val_std_cnn"] < 1e-6 and m["val_std_vit"] < 1e-6
-    healthy = cass.monitor(*small_pair(), loaders, cass.Runtime(torch.device("cpu")))
-    assert healthy["val_std_cnn"] > 100 * m["val_std_cnn"] + 1e-4
+    assert m["majority"] == pytest.approx(1 / 3) and 0 <= m["knn_raw_pixels"] <= 1
+    healthy = cass.monitor(*small_pair(), loaders, CPU)
+    assert healthy["val_std_cnn"] > 100 * m["val_std_cnn"] + 1e-4 and healthy["rank_cnn"] > m["rank_cnn"]
 
 
 def test_random_bn_control_reestimates_batchnorm_statistics_on_the_training_images(tmp_path):
@@ -945,129 +1131,19 @@ def test_random_bn_control_reestimates_batchnorm_statistics_on_the_training_imag
     assert recal["bn1.running_mean"].abs().sum() > 0  # statistics of the images
 
 
-def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells(tmp_path, capsys):
-    root = write_folder(tmp_path / "d", n=10)
-    args = ["protocol", *TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--epochs", "1",
-            "--arms", "cnn", "--inits", "cass", "random", "random-bn", "--modes", "linear", "--fractions", "1.0",
-            "--seeds", "2", "--ft-epochs-grid", "1", "--out", tmp_path / "p"]
-    code, out = cli(args, capsys)
-    assert code == 0, out
-    table = json.load(open(tmp_path / "p" / "table.json"))
-    assert {(r["init"], r["n"]) for r in table["rows"]} == {("cass", 2), ("random", 2), ("random-bn", 2)}
-    assert "| 100% | cnn | cass | linear |" in (tmp_path / "p" / "table.md").read_text()
-    code, out = cli(args, capsys)  # everything finished: nothing is trained again
-    assert code == 0 and "[1/6]" not in out and "fine-tuning resnet" not in out, out
-    assert "6 fine-tuning runs" in (tmp_path / "p" / "table.md").read_text()
-    assert json.load(open(tmp_path / "p" / "table.json"))["pretrain_minutes"] > 0  # also when nothing ran again
-
-
-def test_protocol_grid_skips_the_bn_control_in_full_mode_and_takes_its_own_seeds_at_100_percent():
-    cfg = dict(arms=["cnn", "vit"], inits=["cass", "random", "random-bn"], modes=["full", "linear"],
-               fractions=[0.1, 1.0], seeds=3, seeds_full=1)
-    cells = list(cass.protocol_cells(cfg, imagenet_ok=False))
-    assert not [c for c in cells if c["init"] == "random-bn" and (c["mode"] == "full" or c["arm"] == "vit")]
-    assert {c["seed"] for c in cells if c["fraction"] == 1.0} == {0}
-    assert {c["seed"] for c in cells if c["fraction"] == 0.1} == {0, 1, 2}
-    assert len(cells) == (2 + 2 + 1 + 2 + 2) * (3 + 1)  # cnn full/linear x2 inits + bn linear; vit 2x2
-    cells = list(cass.protocol_cells({**cfg, "modes_full": ["linear"]}, imagenet_ok=False))
-    assert {c["mode"] for c in cells if c["fraction"] == 1.0} == {"linear"}
-    assert {c["mode"] for c in cells if c["fraction"] == 0.1} == {"full", "linear"}
-
-
-def test_a_cell_lock_held_by_a_live_process_is_respected_and_a_dead_ones_taken_over(tmp_path):
-    lock = tmp_path / "cell.lock"
-    assert cass.claim(lock) == lock and lock.read_text() == str(os.getpid())
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        lock.write_text(str(other.pid))
-        assert cass.claim(lock) is None  # alive: another process runs this cell
-    finally:
-        other.kill()
-        other.wait()
-    assert cass.claim(lock) == lock and lock.read_text() == str(os.getpid())  # dead: taken over
-
-
-def test_cached_finetune_decodes_each_split_once_and_changes_nothing(tmp_path):
+def test_cached_runs_decode_each_split_once_and_change_nothing(tmp_path):
     root = write_folder(tmp_path / "d", n=6)
-    common = [*FINETUNE, "--data", "folder", "--root", str(root), "--splits", "auto", "--init", "random",
-              "--arm", "cnn", "--mode", "linear"]
-    cass._DECODED.clear()
-    assert cass.main([*common, "--out", str(tmp_path / "plain")]) == 0
-    assert not cass._DECODED
-    assert cass.main([*common, "--cache-images", "--out", str(tmp_path / "cached")]) == 0
-    remembered = dict(cass._DECODED)
-    assert len(remembered) == 3  # train, val, test
-    assert cass.main([*common, "--cache-images", "--seed", "1", "--out", str(tmp_path / "again")]) == 0
-    assert all(cass._DECODED[k] is v for k, v in remembered.items())  # reused, not decoded again
+    given = dict(preset="tiny", img_size=32, patch_size=8, batch_size=8, workers=0, device="cpu", epochs=2,
+                 data="folder", root=str(root), splits="auto", init="random", arm="cnn", mode="linear")
+    cass.finetune(cass.resolve("finetune", {**given, "out": str(tmp_path / "plain")}))
+    store = {}
+    cass.finetune(cass.resolve("finetune", {**given, "cache_images": True, "out": str(tmp_path / "cached")}), store)
+    assert len(store) == 3  # train, val, test
+    remembered = dict(store)
+    cass.finetune(cass.resolve("finetune", {**given, "cache_images": True, "seed": 1, "out": str(tmp_path / "again")}),
+                  store)
+    assert all(store[k] is v for k, v in remembered.items())  # reused, not decoded again
     losses = [[r["train_loss"] for r in read_log(tmp_path / d / "log.jsonl")] for d in ("plain", "cached")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     auc = [json.load(open(tmp_path / d / "metrics.json"))["test"]["roc_auc_ovr"] for d in ("plain", "cached")]
     assert auc[0] == pytest.approx(auc[1], rel=1e-6)
-    cass._DECODED.clear()
-
-
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    x = cass.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
-    grads = []
-    for checkpointing in (False, True):
-        cnn, vit = small_pair()
-        cnn.set_grad_checkpointing(checkpointing)
-        vit.set_grad_checkpointing(checkpointing)
-        loss = cass.cass_loss(cnn(x), vit(x))
-        loss.backward()
-        grads.append((float(loss.detach()), cnn.conv1.weight.grad.clone(), vit.patch_embed.proj.weight.grad.clone()))
-    (l0, c0, v0), (l1, c1, v1) = grads
-    assert l0 == pytest.approx(l1, rel=1e-5)
-    assert torch.allclose(c0, c1, rtol=1e-4, atol=1e-6) and torch.allclose(v0, v1, rtol=1e-4, atol=1e-6)
-
-
-def test_torchrun_finetune_matches_a_single_process_run(tmp_path):
-    root = write_folder(tmp_path / "d", n=10)
-    args = [*FINETUNE, "--cnn", "convnext_atto", "--data", "folder", "--root", str(root), "--splits", "auto",
-            "--init", "random", "--arm", "cnn", "--epochs", "2"]
-    code, out = _torchrun([str(HERE / "cass.py"), *args, "--out", str(tmp_path / "ddp")])
-    assert code == 0, out
-    code, out = run([*args, "--out", str(tmp_path / "single")])
-    assert code == 0, out
-    assert _max_difference(_state(tmp_path / "ddp" / "best.pt"), _state(tmp_path / "single" / "best.pt")) < 2e-3
-    losses = [[r["train_loss"] for r in read_log(tmp_path / d / "log.jsonl")] for d in ("ddp", "single")]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-
-
-def test_bench_prints_a_table_and_the_same_numbers_as_json_on_its_last_line(tmp_path, capsys):
-    root = write_folder(tmp_path / "d", n=8)
-    code, out = cli(["bench", *TINY, "--out-dim", "16", "--steps", "1", "--warmup", "0", "--data", "folder",
-                     "--root", root, "--splits", "auto"], capsys)
-    assert code == 0, out
-    result = json.loads(out.strip().splitlines()[-1])
-    for key in ("images_per_s", "plain_images_per_s", "speedup", "flops_per_step", "peak_memory_mb",
-                "data_images_per_s", "bottleneck"):
-        assert key in result
-    assert result["flops_per_step"] > 0 and result["speedup"] == pytest.approx(
-        result["images_per_s"] / result["plain_images_per_s"], rel=1e-6)
-    assert "speed-up" in out and "data pipeline" in out
-    assert 0 < result["fraction_of_matmul_peak"] and result["matmul_peak_flops"] > 0
-    code, out = cli(["bench", *TINY, "--max-batch"], capsys)
-    assert code == 2 and "--max-batch searches GPU memory and needs --device cuda" in out, out
-
-
-def test_largest_batch_doubles_then_bisects_to_the_exact_limit(monkeypatch):
-    tried = []
-
-    def fake_step(cfg, rt, plain, count_flops=True):
-        tried.append(cfg["batch_size"])
-        if cfg["batch_size"] > 37:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return 0.1, None, 0.0
-
-    monkeypatch.setattr(cass, "bench_step", fake_step)
-    assert cass.largest_batch({"batch_size": 16}, rt=None) == 37
-    assert tried[:3] == [16, 32, 64] and len(tried) <= 3 + 5
-
-
-def test_step_statistics_equal_the_monitor_and_the_cosine():
-    r, t = torch.randn(16, 8), torch.randn(16, 8)
-    std_r, std_t, cos = cass.step_stats(r, t)
-    assert std_r == pytest.approx(cass.output_spread(r), rel=1e-5)
-    assert std_t == pytest.approx(cass.output_spread(t), rel=1e-5)
-    assert cos == pytest.approx(float(F.cosine_similarity(r, t, dim=-1).mean()), rel=1e-5)

@@ -1,0 +1,210 @@
+"""Time the CASS pretraining step: this file's step (cass.pretrain_epoch: autocast, channels-last CNN, one fused
+Adam) against the plain step of the authors' notebook (fp32, default memory format, an unfused Adam per
+encoder), on synthetic batches after warm-up. Also FLOPs per step, peak memory, the fraction of a measured
+matrix-product peak, the largest batch that fits a GPU (--max-batch) and, given data, the data pipeline alone.
+
+    python tools/bench.py --preset tiny
+    python tools/bench.py --device cuda --max-batch          # the paper's encoders at 384 px
+
+The last line of the output is the same numbers as JSON.
+"""
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cass  # noqa: E402
+
+BENCH_FLAGS = ("data", "root", "splits", "preset", "cnn", "vit", "patch_size", "img_size", "out_dim", "batch_size",
+               "lr", "workers", "device", "precision", "compile", "cache_images", "objective")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for key in BENCH_FLAGS:
+        cmds, default, text, options = cass.FLAGS[key]
+        p.add_argument("--" + key.replace("_", "-"), default=None, help=f"as for cass.py pretrain: {text}", **options)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported) (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to fit larger batches")
+    p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest batch that fits")
+    return p
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(step, warmup, steps, device):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_step(cfg, rt, plain, count_flops=True):
+    """Median seconds of one step on a synthetic batch, its FLOPs and the peak memory (MB). plain: the notebook's
+    step; otherwise one step of cass.pretrain_epoch, the step pretraining runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    cnn, vit = cass.build_pair({**cfg, "pretrained": False, "cnn_weights": None, "vit_weights": None})
+    if cfg["grad_checkpointing"]:
+        cnn.set_grad_checkpointing(True)
+        vit.set_grad_checkpointing(True)
+    x = torch.randint(0, 256, (cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"]), dtype=torch.uint8)
+    if plain:
+        cnn, vit, x = cnn.to(rt.device), vit.to(rt.device), x.to(rt.device)
+        optimizers = [torch.optim.Adam(m.parameters(), lr=cfg["lr"], foreach=False) for m in (cnn, vit)]
+
+        def step():
+            for o in optimizers:
+                o.zero_grad()
+            cass.cass_loss(cnn(cass.normalize(x)), vit(cass.normalize(x))).backward()
+            for o in optimizers:
+                o.step()
+    else:
+        cnn, vit = cass.to_device(cnn, rt, cfg["cnn"]), cass.to_device(vit, rt, cfg["vit"])
+        optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], cfg["lr"])
+        scheduler, scaler = cass.cosine_schedule(optimizer, cfg), rt.scaler()
+        if cfg["compile"]:
+            cnn, vit = torch.compile(cnn), torch.compile(vit)
+        batch = [(x, None)]
+
+        def step():
+            cass.pretrain_epoch(cnn, vit, batch, optimizer, scaler, scheduler, rt, cfg, 0)
+
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 and not plain  # plain: PyTorch's default, fp32 matmuls
+    try:
+        seconds = median_seconds(step, cfg["warmup"], cfg["steps"], rt.device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    if rt.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource  # Unix only
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if not count_flops:
+        return seconds, None, peak
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return seconds, counter.get_total_flops(), peak
+
+
+def matmul_peak(rt):
+    """FLOP/s of a large square matrix product in the step's precision: the yardstick for the step."""
+    n = 8192 if rt.device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=rt.device).to(rt.amp_dtype or torch.float32) for _ in range(2))
+    return 2 * n**3 / median_seconds(lambda: a @ b, 2, 5, rt.device)
+
+
+def largest_batch(cfg, rt, limit=4096):
+    """The largest batch whose step fits in GPU memory: doubling from --batch-size, then bisection."""
+    def fits(batch):
+        try:
+            bench_step({**cfg, "batch_size": batch, "warmup": 1, "steps": 1}, rt, plain=False, count_flops=False)
+            ok = True
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        gc.collect()  # the failed step's tensors, then the allocator's cache
+        torch.cuda.empty_cache()
+        print(f"  batch {batch}: {'fits' if ok else 'out of memory'}", flush=True)
+        return ok
+
+    lo, hi = 0, cfg["batch_size"]
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def data_images_per_s(cfg, rt):
+    """Images/s of the data pipeline alone: decode, resize, augment, collate, with the workers."""
+    table = cass.load_table(cfg["data"], cfg["root"])
+    splits, _ = cass.load_splits(cfg, table)
+    keys = splits["train"]
+    cache = cass.decode_all(table, keys, cfg["img_size"], cfg["workers"]) if cfg["cache_images"] else None
+    dataset = cass.ImageDataset(table, keys, cfg["img_size"], cass.cass_augment(), cache)
+    sampler = cass.EpochSampler(len(dataset), cfg["batch_size"], 0)
+    it = iter(torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler,
+                                          num_workers=cfg["workers"]))
+    next(it)  # worker start-up is not the steady state
+    t0, n = time.perf_counter(), 0
+    for _ in range(min(sampler.steps(), max(cfg["steps"] * 4, 10)) - 1):
+        n += len(next(it)[0])
+    return n / (time.perf_counter() - t0)
+
+
+def bench(cfg):
+    rt = cass.make_runtime(cfg["device"], cfg["precision"])
+    if cfg["max_batch"] and rt.device.type != "cuda":
+        raise cass.UserError("--max-batch searches GPU memory and needs --device cuda; on a CPU it would exhaust RAM")
+    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    B = cfg["batch_size"]
+    print(f"bench: {cfg['cnn']} + {cfg['vit']}, {cfg['img_size']} px, batch {B}, {device}, torch {torch.__version__}")
+    plain_s, flops, _ = bench_step(cfg, rt, plain=True)
+    fast_s, _, peak = bench_step(cfg, rt, plain=False)
+    precision = str(rt.amp_dtype or "fp32").replace("torch.", "")
+    r = dict(device=device, cnn=cfg["cnn"], vit=cfg["vit"], img_size=cfg["img_size"], batch_size=B, precision=precision,
+             compile=bool(cfg["compile"]), seconds_per_step=fast_s, images_per_s=B / fast_s, plain_seconds_per_step=plain_s,
+             plain_images_per_s=B / plain_s, speedup=plain_s / fast_s, flops_per_step=flops,
+             achieved_flops=flops / fast_s, plain_achieved_flops=flops / plain_s, peak_memory_mb=peak)
+    print(f"{'':48} {'s/step':>8} {'img/s':>8} {'GFLOP/s':>8}")
+    for name, s in (("plain step (fp32, unfused Adam per encoder)", plain_s),
+                    (f"this step ({precision}, channels-last CNN, fused Adam{', compiled' if cfg['compile'] else ''})",
+                     fast_s)):
+        print(f"{name:48} {s:8.3f} {B / s:8.1f} {flops / s / 1e9:8.1f}")
+    print(f"speed-up {r['speedup']:.2f}x; {flops / 1e9:.1f} GFLOP per step; peak memory {peak:.0f} MB")
+    r["matmul_peak_flops"] = matmul_peak(rt)
+    r["fraction_of_matmul_peak"] = r["achieved_flops"] / r["matmul_peak_flops"]
+    print(f"a {precision} matrix product runs at {r['matmul_peak_flops'] / 1e12:.2f} TFLOP/s here; this step reaches "
+          f"{r['fraction_of_matmul_peak']:.0%} of it")
+    if cfg["max_batch"]:
+        r["max_batch_size"] = largest_batch(cfg, rt)
+        print(f"largest batch that fits: {r['max_batch_size']} "
+              f"({torch.cuda.get_device_properties(rt.device).total_memory / 2**30:.0f} GiB GPU)")
+    if cfg["root"] or cfg["data"] == "digits":
+        r["data_images_per_s"] = data_images_per_s(cfg, rt)
+        r["bottleneck"] = "data" if r["data_images_per_s"] < r["images_per_s"] else "step"
+        print(f"data pipeline ({cfg['workers']} workers{', cached' if cfg['cache_images'] else ''}): "
+              f"{r['data_images_per_s']:.1f} img/s; the bottleneck is the {r['bottleneck']}")
+    print(json.dumps(r))
+    return r
+
+
+def main(argv=None):
+    args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
+    extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch")}
+    try:
+        bench({**cass.resolve("pretrain", {k: v for k, v in args.items() if v is not None and v is not False}), **extra})
+    except cass.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

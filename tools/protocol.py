@@ -1,0 +1,174 @@
+"""The paper's label-efficiency protocol (paper 5, Table 1): one CASS pretraining run, then every arm,
+initialisation, mode, label fraction and seed fine-tuned and tested; a table of the test headline metric.
+
+    python tools/protocol.py --data brain_mri --root DIR --preset tiny --seeds 3 --out runs/brain_mri
+
+Resumable: rerunning the command continues an interrupted pretraining run and skips finished cells. Cells
+are claimed by lock files, so several processes given the same --out share one grid (one per GPU or core).
+Writes table.md and table.json in --out. Calls cass.pretrain and cass.finetune in this process, which keeps
+the decoded images of --cache-images for all runs.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cass  # noqa: E402
+
+GRID_FLAGS = {  # flag: (default, help, argparse options)
+    "arms": (["cnn", "vit"], "encoders to fine-tune", dict(nargs="+", choices=["cnn", "vit"])),
+    "inits": (["cass", "random", "random-bn", "imagenet"], "initialisations: cass (the pretraining run), random, "
+              "random-bn (CNN, linear mode: the BatchNorm control) and imagenet (where the weights load)",
+              dict(nargs="+", choices=["cass", "random", "random-bn", "imagenet"])),
+    "modes": (["full", "linear"], "fine-tuning modes", dict(nargs="+", choices=["full", "linear"])),
+    "modes_full": (None, "modes with 100%% of the labels (default: --modes)", dict(nargs="+", choices=["full", "linear"])),
+    "fractions": ([0.01, 0.1, 1.0], "label fractions", dict(nargs="+", type=float)),
+    "seeds": (5, "fine-tuning seeds per cell (paper B.1.1: 5)", dict(type=int)),
+    "seeds_full": (None, "seeds with 100%% of the labels (default: --seeds)", dict(type=int)),
+    "ft_epochs_grid": (None, "fine-tuning epochs at most (default: the preset's)", dict(type=int)),
+    "ft_epochs_full": (None, "fine-tuning epochs at most with 100%% of the labels", dict(type=int)),
+    "ft_epochs_linear": (100, "linear-probe epochs at most (a head on stored features: milliseconds each)",
+                         dict(type=int)),
+}
+PRETRAIN_ONLY = ("out_dim", "pretrained", "objective", "epochs", "lr", "sched_unit", "swa_start", "compile", "sync_bn")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for key, (cmds, default, text, options) in cass.FLAGS.items():
+        if "p" in cmds and key not in ("resume", "keep_last"):
+            p.add_argument("--" + key.replace("_", "-"), default=None, help=f"as for cass.py pretrain: {text}", **options)
+    for key, (default, text, options) in GRID_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), default=default, help=f"{text} (default: {default})", **options)
+    return p
+
+
+def cells(grid, imagenet_ok):
+    """Every (arm, init, mode, fraction, seed) of the grid, in the order they run."""
+    for fraction in grid["fractions"]:
+        full = fraction == 1.0
+        for arm in grid["arms"]:
+            for init in grid["inits"]:
+                if (init == "random-bn" and arm != "cnn") or (init == "imagenet" and not imagenet_ok):
+                    continue  # a ViT has no BatchNorm to re-estimate
+                for mode in (grid["modes_full"] if full and grid["modes_full"] else grid["modes"]):
+                    if init == "random-bn" and mode == "full":
+                        continue  # full fine-tuning re-estimates BatchNorm statistics from its first step
+                    for seed in range(grid["seeds_full"] if full and grid["seeds_full"] else grid["seeds"]):
+                        yield dict(arm=arm, init=init, mode=mode, fraction=fraction, seed=seed)
+
+
+def table(finished, headline):
+    """mean ± std of the test headline metric per arm, init, mode and fraction, as rows and as markdown."""
+    groups = {}
+    for c in finished:
+        groups.setdefault((c["arm"], c["init"], c["mode"], c["fraction"]), []).append(c)
+    rows = []
+    for (arm, init, mode, fraction), cs in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][2], kv[0][1])):
+        values = np.array([c["test"] for c in cs])
+        rows.append(dict(arm=arm, init=init, mode=mode, fraction=fraction, n=len(cs), mean=float(values.mean()),
+                         std=float(values.std(ddof=1)) if len(cs) > 1 else 0.0, minutes=sum(c["seconds"] for c in cs) / 60))
+    lines = [f"| labels | arm | init | mode | test {headline} (mean ± std) | runs | minutes |", "| --- " * 7 + "|"]
+    lines += [f"| {r['fraction']:.0%} | {r['arm']} | {r['init']} | {r['mode']} | {r['mean']:.4f} ± {r['std']:.4f} | "
+              f"{r['n']} | {r['minutes']:.1f} |" for r in rows]
+    return rows, "\n".join(lines) + "\n"
+
+
+def imagenet_available(given):
+    """Whether the imagenet cells can run: weight files for both arms, or the hub reachable."""
+    if given.get("cnn_weights") and given.get("vit_weights"):
+        return True, ""
+    try:
+        with cass._hub_offline_unless_reachable():
+            import huggingface_hub.constants as hub
+
+            return not hub.HF_HUB_OFFLINE, "the Hugging Face hub cannot be reached and no --cnn-weights/--vit-weights"
+    except ImportError:
+        return False, "huggingface_hub is not installed"
+
+
+def run(given, grid):
+    out = Path(given.pop("out", None) or f"runs/protocol-{given.get('data', 'digits')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    store, times = {}, {}  # store: the decoded images of --cache-images, shared by every run of this process
+
+    # -- one CASS pretraining run (resumed if it was interrupted) --------------------------------
+    pre = out / "pretrain"
+    if not (pre / "cnn.pt").exists():
+        t0 = time.perf_counter()
+        cass.pretrain(cass.resolve("pretrain", {**given, "out": str(pre), "resume": (pre / "last.pt").exists()}), store)
+        wall = json.load(open(pre / "wall.json"))["seconds"] if (pre / "wall.json").exists() else 0.0
+        cass.write_json(dict(seconds=wall + time.perf_counter() - t0), pre / "wall.json")
+    times["pretrain_minutes"] = json.load(open(pre / "wall.json"))["seconds"] / 60 if (pre / "wall.json").exists() else 0.0
+
+    # -- the grid of fine-tuning runs; finished cells are not run again ----------------------------
+    ok, why = imagenet_available(given) if "imagenet" in grid["inits"] else (False, "")
+    if "imagenet" in grid["inits"] and not ok:
+        print(f"skipping the imagenet cells: {why}")
+    shared = {k: v for k, v in given.items() if k not in PRETRAIN_ONLY}
+    shared["splits"] = str(pre / "splits")  # every cell uses the pretraining run's splits
+    todo, finished, elsewhere = list(cells(grid, ok)), [], []
+    (out / "cells").mkdir(exist_ok=True)
+    for i, c in enumerate(todo):
+        name = f"{c['arm']}-{c['init']}-{c['mode']}-{c['fraction']:g}-seed{c['seed']}"
+        cell = out / "cells" / name
+        if not (cell / "metrics.json").exists():
+            lock = cass.claim(out / "cells" / f"{name}.lock")
+            if lock is None:  # another process sharing this grid runs it now
+                elsewhere.append(name)
+                continue
+            print(f"[{i + 1}/{len(todo)}] {name}", flush=True)
+            epochs = grid["ft_epochs_full"] if c["fraction"] == 1.0 and grid["ft_epochs_full"] else grid["ft_epochs_grid"]
+            epochs = grid["ft_epochs_linear"] if c["mode"] == "linear" else epochs
+            (cell / "best.pt").unlink(missing_ok=True)  # of a run killed between best.pt and metrics.json
+            cfg = cass.resolve("finetune", {**shared, "init": str(pre) if c["init"] == "cass" else c["init"],
+                                            "arm": c["arm"], "mode": c["mode"], "label_fraction": c["fraction"],
+                                            "seed": c["seed"], "out": str(cell), "resume": (cell / "last.pt").exists(),
+                                            **({"epochs": epochs} if epochs else {})})
+            t0 = time.perf_counter()
+            try:
+                cass.finetune(cfg, store)
+                cass.write_json(dict(seconds=time.perf_counter() - t0), cell / "wall.json")
+            except cass.UserError as e:
+                raise cass.UserError(f"cell {name}: {e} (rerunning this command resumes the grid)") from None
+            finally:
+                lock.unlink(missing_ok=True)
+        metrics = json.load(open(cell / "metrics.json"))
+        seconds = json.load(open(cell / "wall.json"))["seconds"] if (cell / "wall.json").exists() else 0.0
+        finished.append(dict(c, test=metrics["test"][metrics["headline"]], seconds=seconds))
+    if elsewhere:
+        print(f"{len(elsewhere)} cell(s) run in another process sharing {out} (first: {elsewhere[0]}); the table leaves "
+              "them out: rerun this command when they finish for the whole table")
+    headline = cass.HEADLINE.get(json.load(open(pre / "args.json"))["data"], "f1_macro")
+    rows, markdown = table(finished, headline)
+    times["finetune_minutes"] = sum(c["seconds"] for c in finished) / 60
+    markdown += (f"\npretraining {times['pretrain_minutes']:.1f} min; {len(finished)} fine-tuning runs "
+                 f"{times['finetune_minutes']:.1f} min; total {sum(times.values()):.1f} min\n")
+    cass.write_json(dict(headline=headline, rows=rows, cells=finished, config=dict(given, out=str(out), **grid), **times),
+                    out / "table.json")
+    cass.atomic_write(out / "table.md", markdown.encode())
+    print(markdown)
+    return rows
+
+
+def main(argv=None):
+    args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
+    grid = {k: args.pop(k) for k in GRID_FLAGS}
+    given = {k: v for k, v in args.items() if v is not None and v is not False}
+    try:
+        run(given, grid)
+    except cass.UserError as e:
+        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to continue the grid", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,19 +173,6 @@ def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
     return splits
 
 
-def write_splits(table, splits, folder):
-    """One CSV per split: the image keys and, for a reader, their labels (runs take labels from the data)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    header = ["image"] + (list(table.classes) if table.multilabel else ["label"])
-    for name, keys in splits.items():
-        rows = [header]
-        for k in keys:
-            y = table.labels.get(k)
-            rows.append([k] + ([""] * (len(header) - 1) if y is None else [str(int(v)) for v in y]
-                               if table.multilabel else [table.classes[int(np.argmax(y))]]))
-        atomic_write(Path(folder) / f"{name}.csv", "".join(",".join(r) + "\n" for r in rows).encode())
-
-
 def missing_images(table, keys):
     """The keys whose image is absent (one stat per file: datasets hold 25,000); 0-byte files stop the run."""
     missing, empty = [], []
@@ -237,17 +224,6 @@ def load_splits(cfg, table):
     return splits, str(folder)
 
 
-def _rgb_uint8(img):
-    """Any PIL image (grey, RGB, RGBA, palette, 16-bit, float) as a uint8 array [H, W] or [H, W, 3]."""
-    if img.mode in ("RGB", "L"):
-        return np.asarray(img)
-    if img.mode.startswith("I") or img.mode == "F":  # 16- or 32-bit single channel
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        return np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-    return np.asarray(img.convert("RGB"))  # RGBA, LA, P, CMYK, ...: PIL composites and converts
-
-
 def image_tensor(img, size):
     """A PIL image as the uint8 [3, size, size] both arms see (paper B.1.2: Resize(size, size))."""
     from PIL import Image
@@ -295,20 +271,6 @@ class ImageDataset(Dataset):
         return img, self.targets[index]
 
 
-def decode_all(table, keys, size, workers, store=None):
-    """--cache-images: every image decoded and resized once, uint8 [N, 3, size, size]. `store`, a dict the
-    caller owns, keeps them for the later runs of one process (tools/protocol.py)."""
-    key = (table.name, table.image_dir, size, tuple(keys))
-    if store is not None and key in store:
-        return store[key]
-    # its own generator: a loader draws a seed from the global one, which would shift the run's numbers
-    loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=workers, generator=torch.Generator())
-    images = torch.cat([x for x, _ in Progress(loader, "decoding images")]) if keys else None
-    if store is not None and table.arrays is None:  # arrays are in memory already
-        store[key] = images
-    return images
-
-
 class EpochSampler(Sampler):
     """A seeded permutation per epoch, cut into global batches; under torchrun rank r of W takes its slice of
     every global batch, so W processes see what one process sees. Yields (index, augmentation seed) pairs
@@ -336,18 +298,6 @@ class EpochSampler(Sampler):
         return self.steps() * (self.batch // self.world)
 
 
-def _ignore_sigint(_worker):  # Ctrl-C reaches every process of the terminal: the main process handles it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def make_loader(dataset, sampler, batch, workers, rt):
-    if getattr(dataset, "cache", None) is not None and getattr(dataset, "transform", None) is None:
-        workers = 0  # decoded already and nothing to augment: workers would only add start-up and copies
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                      pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None,
-                      persistent_workers=bool(workers) and sampler is not None)  # training: no start-up per epoch
-
-
 # ==========================================================================================
 # Augmentations (paper B.1.2; the same for fine-tuning, B.2.1)
 # ==========================================================================================
@@ -364,16 +314,6 @@ def cass_augment():
         T.RandomVerticalFlip(p=0.3),
         T.RandomHorizontalFlip(p=0.3),
     ])
-
-
-class TwoViews:
-    """--objective cass-vc: two augmentations of each image, drawn one after the other from its seed [2, 3, H, W]."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, img):
-        return torch.stack([self.transform(img), self.transform(img)])
 
 
 def normalize(x):
@@ -432,22 +372,6 @@ def create_encoder(name, num_classes, kwargs, weights=None):
                         "--cnn-weights FILE / --vit-weights FILE for weights on disk") from None
 
 
-@contextlib.contextmanager
-def _hub_offline_unless_reachable(timeout=5.0):
-    """Offline, timm's download retries for a minute: use the local cache alone and fail at once."""
-    import huggingface_hub.constants as hub
-
-    url, was = urlparse(hub.ENDPOINT), hub.HF_HUB_OFFLINE
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = was
-
-
 def encoder_record(model, name, kwargs, arm, cfg, **extra):
     """An encoder checkpoint: its state_dict and what timm needs to rebuild it (weights_only-safe)."""
     model = unwrap(model)
@@ -504,12 +428,12 @@ OBJECTIVES = {
 }
 
 
-def objective(name, r, t):
+def objective(cfg, r, t):
     """The pretraining loss of a step. r, t: [B, D] outputs of the CNN and the ViT."""
-    loss = cass_loss(r, t)  # eq. 1: the invariance term, VICReg's weight 25 / 25 here
-    if name == "cass-vc":
+    loss = cass_loss(r, t)  # eq. 1, VICReg's invariance term
+    if cfg["objective"] == "cass-vc":
         (var_r, cov_r), (var_t, cov_t) = variance_covariance(r), variance_covariance(t)
-        loss = loss + (var_r + var_t) + 0.04 * (cov_r + cov_t)  # VICReg's weights 25 and 1, over 25
+        loss = loss + cfg["vc_weight"] * (var_r + var_t) + 0.04 * (cov_r + cov_t)  # VICReg's 1 : 1 : 1/25 at weight 1
     return loss
 
 
@@ -644,13 +568,12 @@ def monitor(cnn, vit, loaders, rt, baselines=False):
         m[f"val_std_{arm}"] = float(output_spread(vo))
         m[f"pc1_{arm}"], m[f"rank_{arm}"] = spectrum(vo)
         z[arm] = F.normalize(vo, dim=-1)
-    m["val_cos"] = float((z["cnn"] * z["vit"]).sum(-1).mean())
+    m["val_cos"], m["majority"] = float((z["cnn"] * z["vit"]).sum(-1).mean()), float(vy.bincount().max() / len(vy))
     if baselines:
         def pixels(loader):
             x = torch.cat([x for x, _ in loader]).float()
             return F.adaptive_avg_pool2d(x, min(x.shape[-1], 64)).flatten(1)
 
-        m["majority"] = float(vy.bincount().max() / len(vy))
         m["knn_raw_pixels"] = knn_accuracy(pixels(loaders["train"]), ty, pixels(loaders["val"]), vy, k)
     return m
 
@@ -696,13 +619,12 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
     stats = torch.zeros(4, dtype=torch.float64, device=rt.device)  # sums: loss, spread cnn, spread vit, cosine
     bar = Progress(loader, f"epoch {epoch + 1}/{cfg['epochs']}", show=rt.rank == 0)
     for step, (x, _) in enumerate(bar, 1):
-        x = x.to(rt.device, non_blocking=True)  # uint8 [B, 3, H, W]; [B, 2, 3, H, W] with one view per arm
-        x_cnn, x_vit = (x[:, 0], x[:, 1]) if x.dim() == 5 else (x, x)
+        x = normalize(x.to(rt.device, non_blocking=True))  # uint8 -> float [B, 3, H, W], one view for both arms
         optimizer.zero_grad(set_to_none=True)  # every step (the notebooks never zero the gradients)
         with rt.autocast():
-            r = cnn(normalize(x_cnn))  # [B, D] CNN outputs
-            t = vit(normalize(x_vit))  # [B, D] ViT outputs
-            loss = objective(cfg["objective"], r, t)  # gradients reach both encoders
+            r = cnn(x)  # [B, D] CNN outputs
+            t = vit(x)  # [B, D] ViT outputs
+            loss = objective(cfg, r, t)  # gradients reach both encoders
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -739,9 +661,8 @@ def pretrain(cfg, store=None):
     if len(train) < cfg["batch_size"]:
         raise UserError(f"the training split has {len(train)} images, fewer than one batch (--batch-size "
                         f"{cfg['batch_size']}); lower --batch-size")
-    augment = cass_augment() if cfg["objective"] == "cass" else TwoViews(cass_augment())
     cache = decode_all(table, train, cfg["img_size"], cfg["workers"], store) if cfg["cache_images"] else None
-    dataset = ImageDataset(table, train, cfg["img_size"], augment, cache)
+    dataset = ImageDataset(table, train, cfg["img_size"], cass_augment(), cache)
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
     mon = monitor_loaders(table, splits, cfg, store) if rt.rank == 0 else None
@@ -753,15 +674,17 @@ def pretrain(cfg, store=None):
     swa_cnn, swa_vit = torch.optim.swa_utils.AveragedModel(cnn), torch.optim.swa_utils.AveragedModel(vit)
     state = dict(cnn=cnn, vit=vit, optimizer=optimizer, scheduler=scheduler, scaler=scaler, swa_cnn=swa_cnn,
                  swa_vit=swa_vit)
-    start = restore(state, out)["epoch"] if cfg["resume"] else 0
+    start = restore(state, out, rt)["epoch"] if cfg["resume"] else 0
     train_cnn, train_vit = wrap_ddp(cnn, rt, cfg["sync_bn"]), wrap_ddp(vit, rt)
     if cfg["compile"]:
         train_cnn, train_vit = torch.compile(train_cnn), torch.compile(train_vit)
 
     with claim_run_folder(out, cfg, rt, splits, table):
-        print(f"CASS pretraining ({cfg['objective']}): {cfg['cnn']} + {cfg['vit']}, {len(train)} images at "
-                f"{cfg['img_size']} px, splits {cfg['splits']}, {cfg['epochs']} epochs, global batch {cfg['batch_size']} "
-                f"on {rt.world} x {rt.device.type} {str(rt.amp_dtype or 'fp32').replace('torch.', '')}; run folder {out}")
+        if rt.rank == 0:
+            print(f"CASS pretraining ({cfg['objective']}): {cfg['cnn']} + {cfg['vit']}, {len(train)} images at "
+                  f"{cfg['img_size']} px, splits {cfg['splits']}, {cfg['epochs']} epochs, global batch "
+                  f"{cfg['batch_size']} on {rt.world} x {rt.device.type} "
+                  f"{str(rt.amp_dtype or 'fp32').replace('torch.', '')}; run folder {out}")
         if start == 0 and mon is not None:
             m = monitor(cnn, vit, mon, rt, baselines=True)
             append_jsonl(dict(epoch=0, phase="init", **m), out / "log.jsonl")
@@ -825,7 +748,8 @@ def format_monitor(m, head):
     line = (f"{head}  val spread cnn/vit {m['val_std_cnn']:.4f}/{m['val_std_vit']:.4f}  rank {m['rank_cnn']:.1f}/"
             f"{m['rank_vit']:.1f}  pc1 {m['pc1_cnn']:.2f}/{m['pc1_vit']:.2f}  cos {m['val_cos']:.3f}  20-NN features "
             f"{m['knn_cnn_feat']:.3f}/{m['knn_vit_feat']:.3f}, outputs {m['knn_cnn_out']:.3f}/{m['knn_vit_out']:.3f}")
-    return line + (f" (majority class {m['majority']:.3f}, raw pixels {m['knn_raw_pixels']:.3f})" if "majority" in m else "")
+    return line + f" (majority class {m['majority']:.3f}" + (f", raw pixels {m['knn_raw_pixels']:.3f})" if
+                                                             "knn_raw_pixels" in m else ")")
 
 
 def format_epoch(r, cfg):
@@ -1004,7 +928,7 @@ def finetune(cfg, store=None):
     optimizer = make_adam(trainable.parameters(), cfg["lr"])
     scheduler, scaler, stopper = cosine_schedule(optimizer, cfg), rt.scaler(), EarlyStopping(cfg["patience"])
     state = dict(trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler, early_stopping=stopper)
-    saved = restore(state, out) if cfg["resume"] else dict(epoch=0, best=clone(trainable))
+    saved = restore(state, out, rt) if cfg["resume"] else dict(epoch=0, best=clone(trainable))
     best, headline = saved["best"], HEADLINE.get(cfg["data"], "f1_macro")
 
     with claim_run_folder(out, cfg, rt, splits if cfg["splits"] == "auto" else None, table):
@@ -1175,6 +1099,30 @@ def make_split_files(cfg):
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+
+
+def _rgb_uint8(img):
+    """Any PIL image (grey, RGB, RGBA, palette, 16-bit, float) as a uint8 array [H, W] or [H, W, 3]."""
+    if img.mode in ("RGB", "L"):
+        return np.asarray(img)
+    if img.mode.startswith("I") or img.mode == "F":  # 16- or 32-bit single channel
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        return np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+    return np.asarray(img.convert("RGB"))  # RGBA, LA, P, CMYK, ...: PIL composites and converts
+
+
+def write_splits(table, splits, folder):
+    """One CSV per split: the image keys and, for a reader, their labels (runs take labels from the data)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    header = ["image"] + (list(table.classes) if table.multilabel else ["label"])
+    for name, keys in splits.items():
+        rows = [header]
+        for k in keys:
+            y = table.labels.get(k)
+            rows.append([k] + ([""] * (len(header) - 1) if y is None else [str(int(v)) for v in y]
+                               if table.multilabel else [table.classes[int(np.argmax(y))]]))
+        atomic_write(Path(folder) / f"{name}.csv", "".join(",".join(r) + "\n" for r in rows).encode())
 
 
 def _class_folders(root, folders, name, layout):
@@ -1367,6 +1315,48 @@ def to_device(model, rt, name):
     return model.to(rt.device, memory_format=torch.contiguous_format if is_vit(name) else torch.channels_last)
 
 
+def _ignore_sigint(_worker):  # Ctrl-C reaches every process of the terminal: the main process handles it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset, sampler, batch, workers, rt):
+    if getattr(dataset, "cache", None) is not None and getattr(dataset, "transform", None) is None:
+        workers = 0  # decoded already and nothing to augment: workers would only add start-up and copies
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                      pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None,
+                      persistent_workers=bool(workers) and sampler is not None)  # training: no start-up per epoch
+
+
+def decode_all(table, keys, size, workers, store=None):
+    """--cache-images: every image decoded and resized once, uint8 [N, 3, size, size]. `store`, a dict the
+    caller owns, keeps them for the later runs of one process (tools/protocol.py)."""
+    key = (table.name, table.image_dir, size, tuple(keys))
+    if store is not None and key in store:
+        return store[key]
+    # its own generator: a loader draws a seed from the global one, which would shift the run's numbers
+    loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=workers, generator=torch.Generator())
+    images = torch.cat([x for x, _ in Progress(loader, "decoding images")]) if keys else None
+    if store is not None and table.arrays is None:  # arrays are in memory already
+        store[key] = images
+    return images
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(timeout=5.0):
+    """Offline, timm's download retries for a minute: use the local cache alone and fail at once."""
+    import huggingface_hub.constants as hub
+
+    url, was = urlparse(hub.ENDPOINT), hub.HF_HUB_OFFLINE
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = was
+
+
 def read_stats(values, rt, where):
     """Values averaged on the device, read back (one sync; the mean over torchrun's processes). The first is a
     loss: a non-finite one stops every process, and last.pt keeps the last finished epoch."""
@@ -1476,16 +1466,16 @@ def save_run(state, out, epoch, cfg, **extra):
                                        **{k: v.state_dict() for k, v in state.items()}))
 
 
-def restore(state, out):
+def restore(state, out, rt):
     """An interrupted run's state from last.pt; returns what it saved (the epochs done, ...)."""
     saved = load_checkpoint(out / "last.pt", "last.pt")
     for name, obj in state.items():
         obj.load_state_dict(saved[name])
     torch.set_rng_state(saved["rng"])
     log = out / "log.jsonl"  # a kill between the log line and last.pt leaves a line too many
-    if log.exists():
+    if rt.rank == 0 and log.exists():
         atomic_write(log, "".join(s for s in open(log) if json.loads(s)["epoch"] <= saved["epoch"]).encode())
-    print(f"resuming {out} after epoch {saved['epoch']}")
+        print(f"resuming {out} after epoch {saved['epoch']}")
     return saved
 
 
@@ -1551,6 +1541,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
                     "architecture, or a cnn.pt); finetune: for --init imagenet", {}),
     "vit_weights": ("pf", None, "the same for the ViT", {}),
     "objective": ("p", "cass", "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()), dict(choices=list(OBJECTIVES))),
+    "vc_weight": ("p", 1.0, "cass-vc: weight of the variance terms against eq. 1 (the covariance terms weigh 0.04, "
+                  "VICReg's ratio at 1); higher holds the outputs further apart", dict(type=float)),
     "init": ("f", None, "a pretraining run folder (with --arm), its cnn.pt or vit.pt, imagenet, random, or random-bn "
              "(random with BatchNorm statistics re-estimated on the training images: the control)", {}),
     "arm": ("f", None, "cnn or vit: the encoder to fine-tune (needed with a run folder; baselines: cnn)",

@@ -34,7 +34,7 @@ GRID_FLAGS = {  # flag: (default, help, argparse options)
     "ft_epochs_linear": (100, "linear-probe epochs at most (a head on stored features: milliseconds each)",
                          dict(type=int)),
 }
-PRETRAIN_ONLY = ("out_dim", "pretrained", "objective", "epochs", "lr", "sched_unit", "swa_start", "compile", "sync_bn")
+PRETRAIN_ONLY = ("out_dim", "pretrained", "objective", "vc_weight", "epochs", "lr", "sched_unit", "swa_start", "compile", "sync_bn")
 
 
 def build_parser():

@@ -131,7 +131,7 @@ def small_pair(out_dim=16, cnn="resnet18"):
 
 
 CPU = cass.Runtime(torch.device("cpu"))
-STEP_CFG = dict(objective="cass", sched_unit="epoch", epochs=1, t_max=16, eta_min=1e-6)
+STEP_CFG = dict(objective="cass", vc_weight=1.0, sched_unit="epoch", epochs=1, t_max=16, eta_min=1e-6)
 
 
 def pretrain_steps(cnn, vit, batches, lr=1e-3, **cfg):
@@ -183,14 +183,14 @@ def test_loss_sends_gradients_into_both_encoders():
 def test_the_default_objective_is_eq_1_and_the_opt_in_one_penalises_constant_and_correlated_outputs():
     torch.manual_seed(0)
     r, t = torch.randn(64, 32), torch.randn(64, 32)
-    assert cass.objective("cass", r, t) == cass.cass_loss(r, t)
+    assert cass.objective(dict(objective="cass"), r, t) == cass.cass_loss(r, t)
     healthy_var, healthy_cov = cass.variance_covariance(torch.randn(4096, 32))
     assert healthy_var < 0.05 and healthy_cov < 0.1  # spread over the sphere: nothing to penalise
     constant_var, _ = cass.variance_covariance(torch.ones(64, 32) + 1e-4 * torch.randn(64, 32))
     assert constant_var > 0.9  # complete collapse
     one_signal = torch.randn(64, 1) * torch.randn(1, 32) + 0.01 * torch.randn(64, 32)  # one direction
     assert cass.variance_covariance(one_signal)[1] > 10 * healthy_cov  # dimensional collapse
-    assert cass.objective("cass-vc", r, t) > cass.cass_loss(r, t)
+    assert cass.objective(dict(objective="cass-vc", vc_weight=1.0), r, t) > cass.cass_loss(r, t)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
@@ -415,7 +415,7 @@ def test_brain_mri_test_split_is_the_curators_testing_folder(tmp_path):
 def test_a_vendored_copy_without_data_splits_computes_and_records_its_splits(tmp_path):
     (tmp_path / "vendor").mkdir()
     (tmp_path / "vendor" / "cass.py").write_text((HERE / "cass.py").read_text())
-    p = subprocess.run([sys.executable, "cass.py", *PRETRAIN, "--epochs", "1", "--out", "run"],
+    p = subprocess.run([sys.executable, "cass.py", *PRETRAIN, "--epochs", "1", "--batch-size", "64", "--out", "run"],
                        capture_output=True, text=True, cwd=tmp_path / "vendor", timeout=600)
     assert p.returncode == 0, p.stderr
     assert "splits auto" in p.stdout
@@ -1028,7 +1028,7 @@ torch.save(init, sys.argv[1] + "/init.pt")
 sampler = cass.EpochSampler(32, 8, 0, rank=rt.rank, world=rt.world)
 loader = cass.make_loader(dataset, sampler, 8 // rt.world, 0, rt)
 optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], 1e-3)
-cfg = dict(objective="cass", sched_unit="epoch", epochs=2, t_max=16, eta_min=1e-6)
+cfg = dict(objective="cass", vc_weight=1.0, sched_unit="epoch", epochs=2, t_max=16, eta_min=1e-6)
 scheduler = cass.cosine_schedule(optimizer, cfg)
 for epoch in range(2):
     sampler.set_epoch(epoch)

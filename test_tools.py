@@ -112,7 +112,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         vit.set_grad_checkpointing(checkpointing)
         loss = cass.cass_loss(cnn(x), vit(x))
         loss.backward()
-        grads.append((float(loss), cnn.conv1.weight.grad.clone(), vit.patch_embed.proj.weight.grad.clone()))
+        grads.append((float(loss.detach()), cnn.conv1.weight.grad.clone(), vit.patch_embed.proj.weight.grad.clone()))
     (l0, c0, v0), (l1, c1, v1) = grads
     assert l0 == pytest.approx(l1, rel=1e-5)
     assert torch.allclose(c0, c1, rtol=1e-4, atol=1e-6) and torch.allclose(v0, v1, rtol=1e-4, atol=1e-6)

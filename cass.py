@@ -278,8 +278,8 @@ class EpochSampler(Sampler):
     (torch's DistributedSampler splits a batch alike, but has no per-image seeds)."""
 
     def __init__(self, n, global_batch, seed, drop_last=True, rank=0, world=1):
-        self.n, self.batch, self.seed, self.drop_last, self.rank, self.world = n, global_batch, seed, drop_last, rank, world
-        self.epoch = 0
+        self.n, self.batch, self.seed, self.drop_last = n, global_batch, seed, drop_last
+        self.rank, self.world, self.epoch = rank, world, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -584,7 +584,8 @@ def collapse_warning(r, out_dim):
     low = [a for a in ("cnn", "vit") if r[f"std_{a}"] < 0.1 / math.sqrt(out_dim)]
     said = [f"the {' and '.join(low)} outputs spread below a tenth of 1/sqrt(dim)"] if low else []
     said += ["the arms agree to a cosine above 0.99"] if r["cos_cnn_vit"] > 0.99 else []
-    return f"COLLAPSE: {'; '.join(said)}: a low loss means nothing here (README, 'When a run collapses')" if said else ""
+    return f"COLLAPSE: {'; '.join(said)}: a low loss means nothing here (README, 'When a run collapses')" \
+        if said else ""
 
 
 # ==========================================================================================
@@ -595,7 +596,8 @@ def collapse_warning(r, out_dim):
 def build_pair(cfg):
     """The two encoders of CASS with heads of the same width (paper 3): random, ImageNet or from files."""
     return [create_encoder(cfg[arm], cfg["out_dim"], encoder_kwargs(cfg[arm], cfg["img_size"], cfg["patch_size"]),
-                           cfg[f"{arm}_weights"] or ("imagenet" if cfg["pretrained"] else None)) for arm in ("cnn", "vit")]
+                           cfg[f"{arm}_weights"] or ("imagenet" if cfg["pretrained"] else None))
+            for arm in ("cnn", "vit")]
 
 
 def make_adam(params, lr):
@@ -618,6 +620,7 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
     cnn.train()
     vit.train()
     stats = torch.zeros(4, dtype=torch.float64, device=rt.device)  # sums: loss, spread cnn, spread vit, cosine
+    first = None  # the first step's loss
     bar = Progress(loader, f"epoch {epoch + 1}/{cfg['epochs']}", show=rt.rank == 0)
     for step, (x, _) in enumerate(bar, 1):
         x = normalize(x.to(rt.device, non_blocking=True))  # uint8 -> float [B, 3, H, W], one view for both arms
@@ -634,11 +637,11 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
         with torch.no_grad():  # statistics stay on the device; read back every LOG_EVERY steps
             zr, zt = F.normalize(r.float(), dim=-1), F.normalize(t.float(), dim=-1)
             stats += torch.stack([loss.detach(), zr.std(0).mean(), zt.std(0).mean(), (zr * zt).sum(-1).mean()]).double()
-            ends = torch.stack([loss.detach() if step == 1 else ends[0], loss.detach()]).double()  # first, last
+            first = loss.detach() if first is None else first
         if step % LOG_EVERY == 0 or step == len(loader):
             mean = read_stats(stats / step, rt, f"epoch {epoch + 1}, by step {step}")
             bar.note(f"loss {mean[0]:.4f} spread {mean[1]:.4f}/{mean[2]:.4f} cos {mean[3]:.3f}")
-    first, last = read_stats(ends, rt, f"epoch {epoch + 1}")
+    first, last = read_stats(torch.stack([first, loss.detach()]).double(), rt, f"epoch {epoch + 1}")
     return dict(loss=mean[0], loss_first_step=first, loss_last_step=last, std_cnn=mean[1], std_vit=mean[2],
                 cos_cnn_vit=mean[3], steps=step)
 
@@ -692,27 +695,28 @@ def pretrain(cfg, store=None):
             print(format_monitor(m, "epoch   0 (init)"))
 
         # -- the loop: an epoch, SWA, the monitor, one log line and last.pt -------------------------
-        for epoch in range(start, cfg["epochs"]):
-            sampler.set_epoch(epoch)
-            t0 = time.perf_counter()
-            try:
+        epoch = start
+        try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
+            for epoch in range(start, cfg["epochs"]):
+                sampler.set_epoch(epoch)
+                t0 = time.perf_counter()
                 r = pretrain_epoch(train_cnn, train_vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch)
-            except KeyboardInterrupt:
-                raise interrupted(out, epoch) from None
-            seconds = time.perf_counter() - t0
-            if epoch >= cfg["swa_start"]:  # SWA: the average of the weights at the end of each epoch
-                swa_cnn.update_parameters(cnn)
-                swa_vit.update_parameters(vit)
-            r = dict(epoch=epoch + 1, **r, lr=optimizer.param_groups[0]["lr"], std_healthy=1 / math.sqrt(cfg["out_dim"]),
-                     seconds=seconds, images_per_s=r.pop("steps") * cfg["batch_size"] / seconds,
-                     swa_models=int(swa_cnn.n_averaged))
-            if rt.rank == 0:
-                if mon is not None:
-                    t0 = time.perf_counter()
-                    r.update(monitor(cnn, vit, mon, rt), monitor_seconds=time.perf_counter() - t0)
-                append_jsonl(r, out / "log.jsonl")
-                print(format_epoch(r, cfg))
-                save_run(state, out, epoch + 1, cfg)
+                seconds = time.perf_counter() - t0
+                if epoch >= cfg["swa_start"]:  # SWA: the average of the weights at the end of each epoch
+                    swa_cnn.update_parameters(cnn)
+                    swa_vit.update_parameters(vit)
+                r = dict(epoch=epoch + 1, **r, lr=optimizer.param_groups[0]["lr"], seconds=seconds,
+                         std_healthy=1 / math.sqrt(cfg["out_dim"]), swa_models=int(swa_cnn.n_averaged),
+                         images_per_s=r.pop("steps") * cfg["batch_size"] / seconds)
+                if rt.rank == 0:
+                    if mon is not None:
+                        t0 = time.perf_counter()
+                        r.update(monitor(cnn, vit, mon, rt), monitor_seconds=time.perf_counter() - t0)
+                    append_jsonl(r, out / "log.jsonl")
+                    print(format_epoch(r, cfg))
+                    save_run(state, out, epoch + 1, cfg)
+        except KeyboardInterrupt:
+            raise interrupted(out, epoch) from None
 
         # -- the result: the averaged encoders, BatchNorm statistics recomputed for the averaged CNN ---
         if rt.rank == 0:
@@ -723,7 +727,7 @@ def pretrain(cfg, store=None):
             for arm, model in (("cnn", cnn), ("vit", vit)):
                 kwargs = encoder_kwargs(cfg[arm], cfg["img_size"], cfg["patch_size"])
                 atomic_write(out / f"{arm}.pt", encoder_record(model, cfg[arm], kwargs, arm, cfg))
-            finish_run(out, cfg, f"wrote {out}/cnn.pt and {out}/vit.pt (SWA over {int(swa_cnn.n_averaged)} epochs)" +
+            finish_run(out, cfg, f"wrote {out}/cnn.pt and {out}/vit.pt (SWA over {int(swa_cnn.n_averaged)} epoch(s))" +
                        (f"\n{collapse_warning(r, cfg['out_dim'])}" if start < cfg["epochs"] else ""))
     if rt.world > 1:
         dist.barrier()  # the other processes wait while rank 0 writes the result
@@ -742,7 +746,8 @@ def wrap_ddp(model, rt, sync_bn=False):
     if rt.world == 1:
         return model
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def format_monitor(m, head):
@@ -758,7 +763,8 @@ def format_epoch(r, cfg):
             f"{r['std_cnn']:.4f}/{r['std_vit']:.4f} (healthy {r['std_healthy']:.4f})  cos {r['cos_cnn_vit']:.3f}  "
             f"{r['images_per_s']:.1f} img/s")
     warning = collapse_warning(r, cfg["out_dim"])
-    return line + ("\n" + format_monitor(r, " " * 16) if "knn_cnn_feat" in r else "") + (f"\n  {warning}" if warning else "")
+    line += ("\n" + format_monitor(r, " " * 16)) if "knn_cnn_feat" in r else ""
+    return line + (f"\n  {warning}" if warning else "")
 
 
 # ==========================================================================================
@@ -936,30 +942,32 @@ def finetune(cfg, store=None):
         print(f"fine-tuning {name} ({cfg['arm']} arm, init {cfg['init']}, {cfg['mode']}) on {len(train_ds)} labelled "
               f"images ({split_name}) at {size} px, {len(table.classes)} classes, at most {cfg['epochs']} epochs, "
               f"splits {cfg['splits']}; run folder {out}")
-        for epoch in range(saved["epoch"], cfg["epochs"]):
-            if stopper.should_stop:
-                break
-            sampler.set_epoch(epoch)
-            t0 = time.perf_counter()
-            try:
+        epoch = saved["epoch"]
+        try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
+            for epoch in range(saved["epoch"], cfg["epochs"]):
+                if stopper.should_stop:
+                    break
+                sampler.set_epoch(epoch)
+                t0 = time.perf_counter()
                 loss = finetune_epoch(trainable, train_loader, optimizer, scaler, weights, rt, cfg, prep,
                                       f"epoch {epoch + 1}/{cfg['epochs']}")
-            except KeyboardInterrupt:
-                raise interrupted(out, epoch) from None
-            seconds = time.perf_counter() - t0
-            scheduler.step()  # once per epoch
-            logits, targets = logits_of(trainable, eval_loader["val"], rt, prep)
-            val_loss = float(focal_loss(logits, targets, cfg["focal_alpha"], cfg["focal_gamma"], weights))
-            val = classification_metrics(probabilities(logits, table.multilabel).numpy(), targets.numpy(),
-                                         table.multilabel, table.classes)[headline]
-            if stopper.step(val_loss, epoch + 1):
-                best = clone(trainable)
-            append_jsonl(dict(epoch=epoch + 1, train_loss=loss, val_loss=val_loss, **{f"val_{headline}": val},
-                              lr=optimizer.param_groups[0]["lr"], seconds=seconds, images_per_s=len(sampler) / seconds,
-                              best_epoch=stopper.best_epoch), out / "log.jsonl")
-            print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {loss:.4f}  val loss {val_loss:.4f}  val {headline} "
-                  f"{val:.4f}  {len(sampler) / seconds:.1f} img/s{'  *best' if stopper.best_epoch == epoch + 1 else ''}")
-            save_run(state, out, epoch + 1, cfg, best=best)
+                seconds = time.perf_counter() - t0
+                scheduler.step()  # once per epoch
+                logits, targets = logits_of(trainable, eval_loader["val"], rt, prep)
+                val_loss = float(focal_loss(logits, targets, cfg["focal_alpha"], cfg["focal_gamma"], weights))
+                val = classification_metrics(probabilities(logits, table.multilabel).numpy(), targets.numpy(),
+                                             table.multilabel, table.classes)[headline]
+                if stopper.step(val_loss, epoch + 1):
+                    best = clone(trainable)
+                speed = len(sampler) / seconds
+                append_jsonl(dict(epoch=epoch + 1, train_loss=loss, val_loss=val_loss, **{f"val_{headline}": val},
+                                  lr=optimizer.param_groups[0]["lr"], seconds=seconds, images_per_s=speed,
+                                  best_epoch=stopper.best_epoch), out / "log.jsonl")
+                print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {loss:.4f}  val loss {val_loss:.4f}  val "
+                      f"{headline} {val:.4f}  {speed:.1f} img/s{'  *best' if stopper.best_epoch == epoch + 1 else ''}")
+                save_run(state, out, epoch + 1, cfg, best=best)
+        except KeyboardInterrupt:
+            raise interrupted(out, epoch) from None
 
         # -- the best epoch's weights, evaluated as `evaluate` will ---------------------------------
         trainable.load_state_dict(best)
@@ -1066,7 +1074,8 @@ def predict(cfg):
         raise UserError(f"--images {source} is neither a folder of images nor a CSV file")
     missing = missing_images(table, table.keys)
     if not table.keys or missing:
-        raise UserError(f"--images {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})" if not table.keys else
+        raise UserError(f"--images {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                        if not table.keys else
                         f"{len(missing)} of the {len(table.keys)} images that {source} lists are missing (first: "
                         f"{table.path(missing[0])})")
     probs, _ = ensemble_probabilities(ckpts, table, table.keys, rt, cfg["workers"])
@@ -1144,7 +1153,8 @@ def _labelled_paths(root, rel, name, layout):
     if not classes:
         raise UserError(f"no images found under {root}; --data {name} expects {layout}")
     eye = np.eye(len(classes), dtype=np.float32)
-    return Table(name, classes, False, {p: eye[classes.index(Path(p).parts[-2])] for p in rel}, rel, image_dir=str(root))
+    labels = {p: eye[classes.index(Path(p).parts[-2])] for p in rel}
+    return Table(name, classes, False, labels, rel, image_dir=str(root))
 
 
 def table_brain_mri(root, listing=None):
@@ -1209,8 +1219,8 @@ def table_csv(root, name="csv"):
 def table_isic2019(root, gt_csv=None):
     gt_csv = Path(gt_csv or Path(root) / "ISIC_2019_Training_GroundTruth.csv")
     if not gt_csv.is_file():
-        raise UserError(f"{gt_csv} does not exist; --data isic2019 expects ROOT/ISIC_2019_Training_Input/ISIC_*.jpg and "
-                        "ROOT/ISIC_2019_Training_GroundTruth.csv")
+        raise UserError(f"{gt_csv} does not exist; --data isic2019 expects ROOT/ISIC_2019_Training_Input/ISIC_*.jpg "
+                        "and ROOT/ISIC_2019_Training_GroundTruth.csv")
     header, rows = read_csv(gt_csv)
     n = 1 + len(ISIC_CLASSES)
     if header[:n] != ["image", *ISIC_CLASSES]:
@@ -1335,7 +1345,8 @@ def decode_all(table, keys, size, workers, store=None):
     if store is not None and key in store:
         return store[key]
     # its own generator: a loader draws a seed from the global one, which would shift the run's numbers
-    loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=workers, generator=torch.Generator())
+    loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=workers,
+                        generator=torch.Generator())
     images = torch.cat([x for x, _ in Progress(loader, "decoding images")]) if keys else None
     if store is not None and table.arrays is None:  # arrays are in memory already
         store[key] = images
@@ -1431,8 +1442,8 @@ def claim(lock):
 def check_run_folder(out, resume):
     """Before any work: --resume needs a last.pt, and a folder that holds a run is never written over."""
     if resume and not (out / "last.pt").is_file():
-        raise UserError(f"--resume: {out}/last.pt does not exist, so there is nothing to resume (a finished run removes "
-                        "it unless --keep-last); drop --resume to start a new run")
+        raise UserError(f"--resume: {out}/last.pt does not exist, so there is nothing to resume (a finished run "
+                        "removes it unless --keep-last); drop --resume to start a new run")
     if not resume and any((out / f).exists() for f in ("last.pt", "cnn.pt", "best.pt", "metrics.json")):
         raise UserError(f"{out} already holds a run; continue it with --resume (where it has a last.pt), or choose "
                         "another --out")
@@ -1481,8 +1492,8 @@ def restore(state, out, rt):
 
 
 def interrupted(out, epoch):
-    return UserError(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds epoch {epoch}: continue with the same "
-                     "command plus --resume" if epoch else "no epoch had finished: run the same command again"))
+    return UserError(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds epoch {epoch}: continue with the "
+                     "same command plus --resume" if epoch else "no epoch had finished: run the same command again"))
 
 
 def finish_run(out, cfg, message):
@@ -1527,8 +1538,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "data": ("pfes", "digits", "dataset: digits (built in), brain_mri, isic2019, autoimmune, folder, csv, medmnist; "
              "finetune and evaluate: the --init run's or checkpoint's", dict(choices=list(DATASETS))),
     "root": ("pfes", None, "the dataset's folder (the .csv for csv, the .npz for medmnist)", {}),
-    "splits": ("pfe", None, "committed (data_splits/<data> beside cass.py, where it exists), auto (stratified, from the "
-               "images on disk) or a folder of split files; finetune and evaluate: the run's own", {}),
+    "splits": ("pfe", None, "committed (data_splits/<data> beside cass.py, where it exists), auto (stratified, from "
+               "the images on disk) or a folder of split files; finetune and evaluate: the run's own", {}),
     "preset": ("pf", "paper", "paper: the paper's settings; tiny: small encoders at 64 px, random init, for a CPU "
                "(finetune: the --init run's). A flag overrides its preset", dict(choices=["paper", "tiny"])),
     "cnn": ("pf", PRESET, "timm CNN", {}),
@@ -1553,7 +1564,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "mode": ("f", "full", "full: train everything (paper B.2); linear: a head on the frozen encoder's standardised "
              "features (paper 4.2)", dict(choices=["full", "linear"])),
     "class_weights": ("f", "inverse", "focal-loss class weights: inverse frequency, paper (the notebooks' min-max "
-                      "normalised counts: the majority weighs most) or none", dict(choices=["inverse", "paper", "none"])),
+                      "normalised counts: the majority weighs most) or none",
+                      dict(choices=["inverse", "paper", "none"])),
     "epochs": ("pf", PRESET, "epochs (fine-tuning: at most, with early stopping)", dict(type=int)),
     "batch_size": ("pf", PRESET, "global batch, split over torchrun's processes", dict(type=int)),
     "lr": ("pf", PRESET, "Adam learning rate", dict(type=float)),
@@ -1607,8 +1619,9 @@ def resolve(command, given):
         cfg = json.load(open(saved))
         changed = [k for k, v in given.items() if k not in RESUMABLE and cfg.get(k) != v]
         if changed:
-            raise UserError(f"--resume continues {given['out']} with its own settings, but --{changed[0].replace('_', '-')}"
-                            f" {given[changed[0]]} differs from its {cfg.get(changed[0])}: drop the flag")
+            flag = changed[0]
+            raise UserError(f"--resume continues {given['out']} with its own settings, but --{flag.replace('_', '-')} "
+                            f"{given[flag]} differs from its {cfg.get(flag)}: drop the flag")
         return {**cfg, **{k: given[k] for k in RESUMABLE if k in given}}
     base = init_config(given.get("init")) if command == "finetune" else {}
     if given.get("data", base.get("data")) != base.get("data"):
@@ -1647,6 +1660,14 @@ def init_config(init):
     return {**base, "splits": str(folder / "splits")} if (folder / "splits" / "train.csv").is_file() else base
 
 
+def preset_default(key, command):
+    """A preset's default as --help shows it: the paper's value and the tiny preset's."""
+    if command not in ("pretrain", "finetune"):
+        return PAPER[key]
+    key = "ft_" + key if command == "finetune" and key in ("epochs", "batch_size", "lr") else key
+    return f"paper: {PAPER[key]}; tiny: {TINY.get(key, PAPER[key])}"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="cass.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1654,10 +1675,7 @@ def build_parser():
         p = sub.add_parser(command, help=text, description=text)
         for key, (cmds, default, help_text, options) in FLAGS.items():
             if letter in cmds:
-                if default == PRESET:
-                    default = f"{PAPER[key]}; tiny: {TINY.get(key, PAPER[key])}" if letter in "p" or key not in (
-                        "epochs", "batch_size", "lr") else f"{PAPER['ft_' + key]}; tiny: {TINY.get('ft_' + key, PAPER['ft_' + key])}"
-                    default = "paper: " + default
+                default = preset_default(key, command) if default == PRESET else default
                 show = "" if options.get("required") else f" (default: {default})"
                 p.add_argument("--" + key.replace("_", "-"), default=None, help=help_text + show, **options)
     return parser

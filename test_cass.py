@@ -139,7 +139,8 @@ def pretrain_steps(cnn, vit, batches, lr=1e-3, **cfg):
     cfg = {**STEP_CFG, **cfg}
     optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], lr)
     scheduler = cass.cosine_schedule(optimizer, cfg)
-    record = cass.pretrain_epoch(cnn, vit, [(x, None) for x in batches], optimizer, CPU.scaler(), scheduler, CPU, cfg, 0)
+    loader = [(x, None) for x in batches]
+    record = cass.pretrain_epoch(cnn, vit, loader, optimizer, CPU.scaler(), scheduler, CPU, cfg, 0)
     return record, optimizer, scheduler
 
 
@@ -350,7 +351,8 @@ def test_csv_without_labels_is_usable_for_pretraining(tmp_path):
 
 def test_auto_splits_leave_out_listed_images_that_are_not_on_disk_and_say_how_many(tmp_path, capsys):
     write_folder(tmp_path / "imgs", ("x", "y"), 10)
-    rows = [[f"imgs/{c}/{c}_{i}.png", c] for c in "xy" for i in range(10)] + [[f"imgs/x/gone_{i}.png", "x"] for i in range(5)]
+    rows = [[f"imgs/{c}/{c}_{i}.png", c] for c in "xy" for i in range(10)]
+    rows += [[f"imgs/x/gone_{i}.png", "x"] for i in range(5)]
     write_csv(tmp_path / "x.csv", [["image", "label"]] + rows)
     code, out = cli([*PRETRAIN, "--data", "csv", "--root", tmp_path / "x.csv", "--epochs", "1", "--out",
                      tmp_path / "run"], capsys)
@@ -845,7 +847,8 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / "r" / "run.lock").write_text(str(other.pid))
-        code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--epochs", "1", "--out", tmp_path / "r"], capsys)
+        code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--epochs", "1", "--out", tmp_path / "r"],
+                         capsys)
     finally:
         other.kill()
         other.wait()
@@ -969,7 +972,8 @@ def _pretrained_run(t):
 
 
 def _bad_one_class(t):
-    return ["--data", "folder", "--root", str(write_folder(t / "one", ("only",), 12)), "--init", "random"], "at least two"
+    root = write_folder(t / "one", ("only",), 12)
+    return ["--data", "folder", "--root", str(root), "--init", "random"], "at least two"
 
 
 BAD_FINETUNE = {
@@ -1023,18 +1027,20 @@ cnn, vit = cass.build_pair(dict(cnn="convnext_atto", vit="vit_tiny_patch16_224",
 images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
 table = cass.Table("synthetic", [], False, {{}}, [str(i) for i in range(32)])
 dataset = cass.ImageDataset(table, table.keys, 32, cache=images)
-init = {{**{{"cnn." + k: v.clone() for k, v in cnn.state_dict().items()}}, **{{"vit." + k: v.clone() for k, v in vit.state_dict().items()}}}}
-torch.save(init, sys.argv[1] + "/init.pt")
+def weights():
+    return {{**{{"cnn." + k: v.clone() for k, v in cnn.state_dict().items()}},
+            **{{"vit." + k: v.clone() for k, v in vit.state_dict().items()}}}}
+torch.save(weights(), sys.argv[1] + "/init.pt")
 sampler = cass.EpochSampler(32, 8, 0, rank=rt.rank, world=rt.world)
 loader = cass.make_loader(dataset, sampler, 8 // rt.world, 0, rt)
 optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], 1e-3)
 cfg = dict(objective="cass", vc_weight=1.0, sched_unit="epoch", epochs=2, t_max=16, eta_min=1e-6)
 scheduler = cass.cosine_schedule(optimizer, cfg)
+ddp_cnn, ddp_vit = cass.wrap_ddp(cnn, rt), cass.wrap_ddp(vit, rt)
 for epoch in range(2):
     sampler.set_epoch(epoch)
-    cass.pretrain_epoch(cass.wrap_ddp(cnn, rt), cass.wrap_ddp(vit, rt), loader, optimizer, rt.scaler(), scheduler, rt, cfg, epoch)
-state = {{**{{"cnn." + k: v for k, v in cnn.state_dict().items()}}, **{{"vit." + k: v for k, v in vit.state_dict().items()}}}}
-torch.save(state, sys.argv[1] + f"/rank{{rt.rank}}.pt")
+    cass.pretrain_epoch(ddp_cnn, ddp_vit, loader, optimizer, rt.scaler(), scheduler, rt, cfg, epoch)
+torch.save(weights(), sys.argv[1] + f"/rank{{rt.rank}}.pt")
 """
 
 

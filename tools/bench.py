@@ -12,7 +12,6 @@ import argparse
 import gc
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -162,16 +161,18 @@ def bench(cfg):
     rt = cass.make_runtime(cfg["device"], cfg["precision"])
     if cfg["max_batch"] and rt.device.type != "cuda":
         raise cass.UserError("--max-batch searches GPU memory and needs --device cuda; on a CPU it would exhaust RAM")
-    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    cuda = rt.device.type == "cuda"
+    device = torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     B = cfg["batch_size"]
     print(f"bench: {cfg['cnn']} + {cfg['vit']}, {cfg['img_size']} px, batch {B}, {device}, torch {torch.__version__}")
     plain_s, flops, _ = bench_step(cfg, rt, plain=True)
     fast_s, _, peak = bench_step(cfg, rt, plain=False)
     precision = str(rt.amp_dtype or "fp32").replace("torch.", "")
-    r = dict(device=device, cnn=cfg["cnn"], vit=cfg["vit"], img_size=cfg["img_size"], batch_size=B, precision=precision,
-             compile=bool(cfg["compile"]), seconds_per_step=fast_s, images_per_s=B / fast_s, plain_seconds_per_step=plain_s,
-             plain_images_per_s=B / plain_s, speedup=plain_s / fast_s, flops_per_step=flops,
-             achieved_flops=flops / fast_s, plain_achieved_flops=flops / plain_s, peak_memory_mb=peak)
+    r = dict(device=device, cnn=cfg["cnn"], vit=cfg["vit"], img_size=cfg["img_size"], batch_size=B,
+             precision=precision, compile=bool(cfg["compile"]), seconds_per_step=fast_s, images_per_s=B / fast_s,
+             plain_seconds_per_step=plain_s, plain_images_per_s=B / plain_s, speedup=plain_s / fast_s,
+             flops_per_step=flops, achieved_flops=flops / fast_s, plain_achieved_flops=flops / plain_s,
+             peak_memory_mb=peak)
     print(f"{'':48} {'s/step':>8} {'img/s':>8} {'GFLOP/s':>8}")
     for name, s in (("plain step (fp32, unfused Adam per encoder)", plain_s),
                     (f"this step ({precision}, channels-last CNN, fused Adam{', compiled' if cfg['compile'] else ''})",
@@ -199,7 +200,8 @@ def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
     extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch")}
     try:
-        bench({**cass.resolve("pretrain", {k: v for k, v in args.items() if v is not None and v is not False}), **extra})
+        given = {k: v for k, v in args.items() if v is not None and v is not False}
+        bench({**cass.resolve("pretrain", given), **extra})
     except cass.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,8 @@ GRID_FLAGS = {  # flag: (default, help, argparse options)
               "random-bn (CNN, linear mode: the BatchNorm control) and imagenet (where the weights load)",
               dict(nargs="+", choices=["cass", "random", "random-bn", "imagenet"])),
     "modes": (["full", "linear"], "fine-tuning modes", dict(nargs="+", choices=["full", "linear"])),
-    "modes_full": (None, "modes with 100%% of the labels (default: --modes)", dict(nargs="+", choices=["full", "linear"])),
+    "modes_full": (None, "modes with 100%% of the labels (default: --modes)",
+                   dict(nargs="+", choices=["full", "linear"])),
     "fractions": ([0.01, 0.1, 1.0], "label fractions", dict(nargs="+", type=float)),
     "seeds": (5, "fine-tuning seeds per cell (paper B.1.1: 5)", dict(type=int)),
     "seeds_full": (None, "seeds with 100%% of the labels (default: --seeds)", dict(type=int)),
@@ -34,14 +35,16 @@ GRID_FLAGS = {  # flag: (default, help, argparse options)
     "ft_epochs_linear": (100, "linear-probe epochs at most (a head on stored features: milliseconds each)",
                          dict(type=int)),
 }
-PRETRAIN_ONLY = ("out_dim", "pretrained", "objective", "vc_weight", "epochs", "lr", "sched_unit", "swa_start", "compile", "sync_bn")
+PRETRAIN_ONLY = ("out_dim", "pretrained", "objective", "vc_weight", "epochs", "lr", "sched_unit", "swa_start",
+                 "compile", "sync_bn")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for key, (cmds, default, text, options) in cass.FLAGS.items():
         if "p" in cmds and key not in ("resume", "keep_last"):
-            p.add_argument("--" + key.replace("_", "-"), default=None, help=f"as for cass.py pretrain: {text}", **options)
+            p.add_argument("--" + key.replace("_", "-"), default=None, help=f"as for cass.py pretrain: {text}",
+                           **options)
     for key, (default, text, options) in GRID_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), default=default, help=f"{text} (default: {default})", **options)
     return p
@@ -68,10 +71,12 @@ def table(finished, headline):
     for c in finished:
         groups.setdefault((c["arm"], c["init"], c["mode"], c["fraction"]), []).append(c)
     rows = []
-    for (arm, init, mode, fraction), cs in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][2], kv[0][1])):
+    for (arm, init, mode, fraction), cs in sorted(groups.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][2],
+                                                                                  kv[0][1])):
         values = np.array([c["test"] for c in cs])
         rows.append(dict(arm=arm, init=init, mode=mode, fraction=fraction, n=len(cs), mean=float(values.mean()),
-                         std=float(values.std(ddof=1)) if len(cs) > 1 else 0.0, minutes=sum(c["seconds"] for c in cs) / 60))
+                         std=float(values.std(ddof=1)) if len(cs) > 1 else 0.0,
+                         minutes=sum(c["seconds"] for c in cs) / 60))
     lines = [f"| labels | arm | init | mode | test {headline} (mean ± std) | runs | minutes |", "| --- " * 7 + "|"]
     lines += [f"| {r['fraction']:.0%} | {r['arm']} | {r['init']} | {r['mode']} | {r['mean']:.4f} ± {r['std']:.4f} | "
               f"{r['n']} | {r['minutes']:.1f} |" for r in rows]
@@ -92,7 +97,8 @@ def imagenet_available(given):
 
 
 def run(given, grid):
-    out = Path(given.pop("out", None) or f"runs/protocol-{given.get('data', 'digits')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(given.pop("out", None) or
+               f"runs/protocol-{given.get('data', 'digits')}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     store, times = {}, {}  # store: the decoded images of --cache-images, shared by every run of this process
 
@@ -103,7 +109,8 @@ def run(given, grid):
         cass.pretrain(cass.resolve("pretrain", {**given, "out": str(pre), "resume": (pre / "last.pt").exists()}), store)
         wall = json.load(open(pre / "wall.json"))["seconds"] if (pre / "wall.json").exists() else 0.0
         cass.write_json(dict(seconds=wall + time.perf_counter() - t0), pre / "wall.json")
-    times["pretrain_minutes"] = json.load(open(pre / "wall.json"))["seconds"] / 60 if (pre / "wall.json").exists() else 0.0
+    wall = pre / "wall.json"
+    times["pretrain_minutes"] = json.load(open(wall))["seconds"] / 60 if wall.exists() else 0.0
 
     # -- the grid of fine-tuning runs; finished cells are not run again ----------------------------
     ok, why = imagenet_available(given) if "imagenet" in grid["inits"] else (False, "")
@@ -122,7 +129,8 @@ def run(given, grid):
                 elsewhere.append(name)
                 continue
             print(f"[{i + 1}/{len(todo)}] {name}", flush=True)
-            epochs = grid["ft_epochs_full"] if c["fraction"] == 1.0 and grid["ft_epochs_full"] else grid["ft_epochs_grid"]
+            full = c["fraction"] == 1.0 and grid["ft_epochs_full"]
+            epochs = grid["ft_epochs_full"] if full else grid["ft_epochs_grid"]
             epochs = grid["ft_epochs_linear"] if c["mode"] == "linear" else epochs
             (cell / "best.pt").unlink(missing_ok=True)  # of a run killed between best.pt and metrics.json
             cfg = cass.resolve("finetune", {**shared, "init": str(pre) if c["init"] == "cass" else c["init"],
@@ -141,15 +149,15 @@ def run(given, grid):
         seconds = json.load(open(cell / "wall.json"))["seconds"] if (cell / "wall.json").exists() else 0.0
         finished.append(dict(c, test=metrics["test"][metrics["headline"]], seconds=seconds))
     if elsewhere:
-        print(f"{len(elsewhere)} cell(s) run in another process sharing {out} (first: {elsewhere[0]}); the table leaves "
-              "them out: rerun this command when they finish for the whole table")
+        print(f"{len(elsewhere)} cell(s) run in another process sharing {out} (first: {elsewhere[0]}); the table "
+              "leaves them out: rerun this command when they finish for the whole table")
     headline = cass.HEADLINE.get(json.load(open(pre / "args.json"))["data"], "f1_macro")
     rows, markdown = table(finished, headline)
     times["finetune_minutes"] = sum(c["seconds"] for c in finished) / 60
     markdown += (f"\npretraining {times['pretrain_minutes']:.1f} min; {len(finished)} fine-tuning runs "
                  f"{times['finetune_minutes']:.1f} min; total {sum(times.values()):.1f} min\n")
-    cass.write_json(dict(headline=headline, rows=rows, cells=finished, config=dict(given, out=str(out), **grid), **times),
-                    out / "table.json")
+    cass.write_json(dict(headline=headline, rows=rows, cells=finished, config=dict(given, out=str(out), **grid),
+                         **times), out / "table.json")
     cass.atomic_write(out / "table.md", markdown.encode())
     print(markdown)
     return rows

@@ -216,8 +216,9 @@ def load_splits(cfg, table):
     if not {"train", "val", "test"} <= set(names):
         raise UserError(f"{folder} holds no train.csv, val.csv and test.csv; use --splits auto to compute splits")
     splits = {n: [r[0] for r in read_csv(folder / f"{n}.csv")[1]] for n in names}
+    absent = set(missing_images(table, sorted(set().union(*splits.values()))))  # one stat per image
     for n, keys in splits.items():
-        missing = missing_images(table, keys)
+        missing = [k for k in keys if k in absent]
         if missing:
             raise UserError(f"{len(missing)} of the {len(keys)} images that {folder / n}.csv lists are missing under "
                             f"{table.image_dir or 'the arrays'} (first: {', '.join(missing[:3])}); use --splits auto "

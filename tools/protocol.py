@@ -87,13 +87,10 @@ def imagenet_available(given):
     """Whether the imagenet cells can run: weight files for both arms, or the hub reachable."""
     if given.get("cnn_weights") and given.get("vit_weights"):
         return True, ""
-    try:
-        with cass._hub_offline_unless_reachable():
-            import huggingface_hub.constants as hub
+    import huggingface_hub.constants as hub  # installed with timm
 
-            return not hub.HF_HUB_OFFLINE, "the Hugging Face hub cannot be reached and no --cnn-weights/--vit-weights"
-    except ImportError:
-        return False, "huggingface_hub is not installed"
+    with cass._hub_offline_unless_reachable():
+        return not hub.HF_HUB_OFFLINE, "the Hugging Face hub cannot be reached and no --cnn-weights/--vit-weights"
 
 
 def run(given, grid):

@@ -19,30 +19,27 @@ negative pairs. Afterwards each arm is fine-tuned on a few labels on its own (fo
 
 tools/protocol.py (the paper's label-efficiency grid) and tools/bench.py (speed) import this file.
 
-Where this file deliberately differs from the authors' notebooks: gradients are zeroed every step
-(they never are); SWA is real (AveragedModel from --swa-start, once per epoch, BatchNorm statistics
-recomputed before the averaged CNN is saved; theirs does nothing); the cosine schedule moves once
-per epoch (they step it per batch, so with T_max 16 the rate cycles every 32 steps: --sched-unit
-step); pretraining sees the whole training split, not the 10% labelled subset; metrics are
-scikit-learn's and named for what they are (their "F1" is micro recall accumulated across epochs);
-focal-loss class weights are inverse frequency (theirs, --class-weights paper, weigh the majority
-most); the ViT is validated and saved as itself, the validation loss is averaged over the
-validation loader and no evaluation loader drops images; splits are stratified, nested (1% within
-10% within 100%) and committed; checkpoints are state_dicts (torch.load(..., weights_only=True));
-augmentation follows the paper's text: ColorJitter *or* RandomPerspective, then RandomAffine, then
-the flips (the notebooks apply two ColorJitters).
+Where this file differs from the authors' notebooks, deliberately: gradients are zeroed every step (they
+never are); SWA is real (AveragedModel from --swa-start, once per epoch, BatchNorm statistics recomputed for
+the averaged CNN; theirs does nothing); the cosine schedule moves once per epoch (they step it per batch:
+--sched-unit step); pretraining sees the whole training split, not the 10% labelled subset; metrics are
+scikit-learn's, named for what they are (their "F1" is micro recall accumulated across epochs); focal-loss
+class weights are inverse frequency (theirs, --class-weights paper, weigh the majority most); the ViT is
+validated and saved as itself and no evaluation loader drops images; splits are stratified, nested (1% in
+10% in 100%) and committed; checkpoints are state_dicts (torch.load(..., weights_only=True)); augmentation
+follows the paper's text: ColorJitter *or* RandomPerspective, then RandomAffine, then flips.
 
-The linear probe (finetune --mode linear) trains a head on the frozen encoder's pooled features,
-computed once without augmentation and standardised with the training features' statistics (folded
-into the head when saved), for at most --epochs epochs.
+The linear probe (finetune --mode linear) trains a head on the frozen encoder's pooled features, computed
+once without augmentation and standardised with the training features' statistics (folded into the head
+when saved), for at most --epochs epochs.
 
-Measured on 2 CPU cores: from random initialisation (no ImageNet weights) the published objective
-collapses within the first epoch: both encoders emit the same constant and the loss reaches ~0. A
-falling loss proves nothing: the epoch line shows the spread of the normalised outputs (healthy:
-about 1/sqrt(out_dim)), their effective rank, the cosine between the arms and the k-NN accuracy,
-and warns when they say collapse. --objective cass-vc --lr 1e-4 (variance and covariance terms on
-each arm's normalised outputs) is the opt-in change that, measured on brain MRI and ISIC 2019,
-keeps both arms spread and beats the controls (README, "Learning without ImageNet weights").
+Measured on 2 CPU cores: from random initialisation (no ImageNet weights) the published objective collapses
+within the first epoch: both encoders emit the same constant and the loss reaches ~0. A falling loss proves
+nothing: the epoch line shows the spread of the normalised outputs (healthy: about 1/sqrt(out_dim)), their
+effective rank, the cosine between the arms and the k-NN accuracy, and says COLLAPSE when they do.
+--objective cass-vc --lr 1e-4 (variance and covariance terms on each arm's normalised outputs) is the opt-in
+change that, measured on brain MRI and ISIC 2019, keeps both arms spread and beats the controls (README,
+"Learning without ImageNet weights").
 """
 import argparse
 import contextlib
@@ -65,9 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-# ==========================================================================================
-# Config: the paper's values, each with its source; the tiny preset overrides some of them
-# ==========================================================================================
+# ==== Config: the paper's values, each with its source; the tiny preset overrides some of them ===================
 
 PAPER = dict(
     cnn="resnet50",  # paper 3
@@ -96,15 +91,10 @@ MONITOR = dict(bank=500, queries=250, k=20)  # k-NN monitor: training images in 
 LOG_EVERY = 10  # steps between reads of the running statistics from the device
 HERE = Path(__file__).resolve().parent  # data_splits/ is looked up beside this file
 
-
 class UserError(Exception):
     """A mistake the user can fix: printed as one sentence, exit status 2, no traceback."""
 
-
-# ==========================================================================================
-# Data and splits (the readers of each dataset's layout are under "Dataset layouts" below)
-# ==========================================================================================
-
+# ==== Data and splits (the readers of each dataset's layout are under "Dataset layouts" below) ===================
 
 @dataclass
 class Table:
@@ -132,7 +122,6 @@ class Table:
         freq = np.sum([self.labels[k] for k in keys], axis=0)
         return [int(p[np.argmin(freq[p])]) if len(p) else -1 for p in (np.flatnonzero(self.labels[k]) for k in keys)]
 
-
 def _stratified(keys, strata, count_of_class, rng):
     """Per class, a seeded shuffle of its members and the first `count_of_class(c, n)` of them."""
     picked = set()
@@ -140,7 +129,6 @@ def _stratified(keys, strata, count_of_class, rng):
         members = [k for k, s in zip(keys, strata) if s == c]
         picked.update(members[i] for i in rng.permutation(len(members))[:count_of_class(c, len(members))])
     return [k for k in keys if k in picked]  # the table's order
-
 
 def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
     """train/val/test and nested label fractions, stratified and deterministic for a seed.
@@ -173,7 +161,6 @@ def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
                                        rng)
     return splits
 
-
 def missing_images(table, keys):
     """The keys whose image is absent (one stat per file: datasets hold 25,000); 0-byte files stop the run."""
     missing, empty = [], []
@@ -192,7 +179,6 @@ def missing_images(table, keys):
         raise UserError(f"{len(empty)} image file(s) are empty (0 bytes), first: {table.path(empty[0])}; remove or "
                         "replace them")
     return missing
-
 
 def load_splits(cfg, table):
     """The run's splits (name -> keys) and where they came from: data_splits/<data> beside this file
@@ -225,14 +211,12 @@ def load_splits(cfg, table):
                             "to compute splits from the images on disk")
     return splits, str(folder)
 
-
 def image_tensor(img, size):
     """A PIL image as the uint8 [3, size, size] both arms see (paper B.1.2: Resize(size, size))."""
     from PIL import Image
 
     img = Image.fromarray(_rgb_uint8(img)).convert("RGB").resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
-
 
 def decode_image(table, key, size):
     from PIL import Image
@@ -246,7 +230,6 @@ def decode_image(table, key, size):
             return image_tensor(img, size)
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot decode image {table.path(key)} ({e}); remove or replace this file") from None
-
 
 class ImageDataset(Dataset):
     """The images of one split as uint8 [3, size, size] (augmented with `transform`) and multi-hot targets [C].
@@ -271,7 +254,6 @@ class ImageDataset(Dataset):
                     torch.manual_seed(seed)
                 img = self.transform(img)
         return img, self.targets[index]
-
 
 class EpochSampler(Sampler):
     """A seeded permutation per epoch, cut into global batches; under torchrun rank r of W takes its slice of
@@ -299,11 +281,7 @@ class EpochSampler(Sampler):
     def __len__(self):
         return self.steps() * (self.batch // self.world)
 
-
-# ==========================================================================================
-# Augmentations (paper B.1.2; the same for fine-tuning, B.2.1)
-# ==========================================================================================
-
+# ==== Augmentations (paper B.1.2; the same for fine-tuning, B.2.1) ===============================================
 
 def cass_augment():
     """The paper's augmentation on uint8 images, in the loader's workers; normalisation runs on the device."""
@@ -317,23 +295,17 @@ def cass_augment():
         T.RandomHorizontalFlip(p=0.3),
     ])
 
-
 def normalize(x):
     """uint8 [B, 3, H, W] -> float with ImageNet mean and std (paper B.1.2), for both arms."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
     return (x.float() - mean) / std
 
-
-# ==========================================================================================
-# Encoders: a timm CNN and a timm ViT, with heads of the same width (paper 3)
-# ==========================================================================================
-
+# ==== Encoders: a timm CNN and a timm ViT, with heads of the same width (paper 3) ================================
 
 def is_vit(name):
     """The one test of an encoder's kind: a ViT is built for one image size and patch size."""
     return name.startswith(("vit", "deit", "eva", "beit"))
-
 
 def encoder_kwargs(name, img_size, patch_size=None):
     if not is_vit(name):
@@ -341,7 +313,6 @@ def encoder_kwargs(name, img_size, patch_size=None):
     if patch_size and img_size % patch_size:
         raise UserError(f"--img-size {img_size} is not a multiple of the ViT patch size {patch_size}")
     return dict(img_size=img_size, **({"patch_size": patch_size} if patch_size else {}))
-
 
 def create_encoder(name, num_classes, kwargs, weights=None):
     """A timm model with a `num_classes`-wide head. weights: None (random), "imagenet" (the Hugging Face hub,
@@ -373,13 +344,11 @@ def create_encoder(name, num_classes, kwargs, weights=None):
                         "use --preset tiny or --no-pretrained (finetune: --init random) for random initialisation, or "
                         "--cnn-weights FILE / --vit-weights FILE for weights on disk") from None
 
-
 def encoder_record(model, name, kwargs, arm, cfg, **extra):
     """An encoder checkpoint: its state_dict and what timm needs to rebuild it (weights_only-safe)."""
     model = unwrap(model)
     return dict(format="cass-encoder", model=name, num_classes=model.num_classes, kwargs=kwargs, arm=arm,
                 state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, config=cfg, **extra)
-
 
 def load_encoder(obj, path="", num_classes=None):
     """Rebuild an encoder_record(); the head is replaced when num_classes differs."""
@@ -393,23 +362,17 @@ def load_encoder(obj, path="", num_classes=None):
         model.reset_classifier(num_classes)
     return model
 
-
 def unwrap(model):
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile
 
-
-# ==========================================================================================
-# Losses: CASS (eq. 1), the opt-in variance and covariance terms, focal loss (paper 4.2)
-# ==========================================================================================
-
+# ==== Losses: CASS (eq. 1), the opt-in variance and covariance terms, focal loss (paper 4.2) =====================
 
 def cass_loss(cnn_out, vit_out, eps=1e-12):
     """eq. 1: mean over the batch of 2 - 2 cos(R, T). [B, D], [B, D] -> scalar; 0 when equal, 4 when opposite."""
     r = F.normalize(cnn_out.float(), dim=-1, eps=eps)  # R / max(||R||, eps)
     t = F.normalize(vit_out.float(), dim=-1, eps=eps)
     return (2 - 2 * (r * t).sum(dim=-1)).mean()
-
 
 def variance_covariance(z, eps=1e-4):
     """VICReg's two regularisers (Bardes et al. 2022) on one arm's L2-normalised outputs [B, D], scaled by
@@ -422,13 +385,11 @@ def variance_covariance(z, eps=1e-4):
     cov = z.T @ z / (len(z) - 1)  # [D, D]
     return F.relu(1 - torch.sqrt(cov.diagonal() + eps)).mean(), (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / d
 
-
 OBJECTIVES = {
     "cass": "eq. 1 as published (the default)",
     "cass-vc": "eq. 1 plus variance and covariance terms on each arm's normalised outputs (opt-in: keeps a randomly "
                "initialised pair from collapsing; use it with --lr 1e-4)",
 }
-
 
 def objective(cfg, r, t):
     """The pretraining loss of a step. r, t: [B, D] outputs of the CNN and the ViT."""
@@ -438,7 +399,6 @@ def objective(cfg, r, t):
         loss = loss + cfg["vc_weight"] * (var_r + var_t) + 0.04 * (cov_r + cov_t)  # VICReg's 25 : 25 : 1 at weight 1
     return loss
 
-
 def focal_loss(logits, targets, alpha=1.0, gamma=2.0, class_weights=None):
     """Sigmoid focal loss (Lin et al. 2017) over multi-hot targets [B, C], mean-reduced: each class's term is
     alpha * (1 - p_t)^gamma * BCE times its class weight. gamma 0, alpha 1 and no weights: plain BCE."""
@@ -446,7 +406,6 @@ def focal_loss(logits, targets, alpha=1.0, gamma=2.0, class_weights=None):
     p_t = torch.exp(-bce)  # the probability given to the true value of each class
     loss = alpha * (1 - p_t) ** gamma * bce
     return (loss * class_weights.to(loss.device) if class_weights is not None else loss).mean()
-
 
 def class_weights(counts, kind="inverse"):
     """Per-class focal-loss weights from the training split's class counts [C].
@@ -464,11 +423,7 @@ def class_weights(counts, kind="inverse"):
     assert kind == "none", kind
     return None
 
-
-# ==========================================================================================
-# Metrics and the collapse monitor
-# ==========================================================================================
-
+# ==== Metrics and the collapse monitor ===========================================================================
 
 def classification_metrics(probs, targets, multilabel, classes):
     """scikit-learn's metrics, each named for what it is. probs, targets: [N, C] arrays."""
@@ -502,13 +457,11 @@ def classification_metrics(probs, targets, multilabel, classes):
                    for i, c in enumerate(classes)},
         confusion_matrix=M.confusion_matrix(y, pred, labels=labels).tolist())
 
-
 def output_spread(z):
     """Mean per-dimension std of the L2-normalised outputs [B, D], a tensor: about 1/sqrt(D) when they spread
     over the sphere, 0 when every image gets the same vector (collapse)."""
     z = F.normalize(z.float(), dim=-1)
     return z.std(dim=0).mean() if len(z) > 1 else torch.tensor(float("nan"))
-
 
 def spectrum(z):
     """Dimensional collapse, invisible to the spread: the first principal component's share of the variance of
@@ -518,7 +471,6 @@ def spectrum(z):
     p = p / p.sum().clamp_min(1e-30)
     return float(p[0]), float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
 
-
 def knn_accuracy(train_x, train_y, test_x, test_y, k=20):
     """k-NN accuracy with cosine similarity, votes weighted by similarity. y: class indices."""
     train_x, test_x = F.normalize(train_x.float(), dim=-1), F.normalize(test_x.float(), dim=-1)
@@ -526,7 +478,6 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20):
     votes = torch.zeros(len(test_x), int(max(train_y.max(), test_y.max())) + 1)
     votes.scatter_add_(1, train_y[idx], top.clamp(min=0) + 1e-6)
     return float((votes.argmax(1) == test_y).float().mean())
-
 
 @torch.no_grad()
 def encode(model, loader, rt):
@@ -542,7 +493,6 @@ def encode(model, loader, rt):
     model.train(was_training)
     return torch.cat(feats), torch.cat(outs), torch.cat(ys)
 
-
 def monitor_loaders(table, splits, cfg, store):
     """Fixed images of train (the bank) and val (the queries), unaugmented; None without class labels."""
     if table.multilabel or not table.labels:
@@ -555,7 +505,6 @@ def monitor_loaders(table, splits, cfg, store):
         loaders[split] = DataLoader(ImageDataset(table, keys, cfg["img_size"], cache=cache), batch_size=256,
                                     num_workers=0 if cache is not None else cfg["workers"])
     return loaders if all(len(v.dataset) for v in loaders.values()) else None
-
 
 def monitor(cnn, vit, loaders, rt, baselines=False):
     """The collapse monitor on the validation queries: per arm the spread, the first principal component's share
@@ -579,7 +528,6 @@ def monitor(cnn, vit, loaders, rt, baselines=False):
         m["knn_raw_pixels"] = knn_accuracy(pixels(loaders["train"]), ty, pixels(loaders["val"]), vy, k)
     return m
 
-
 def collapse_warning(r, out_dim):
     """One sentence when the statistics of an epoch say collapse (a warning: the run goes on), else ''."""
     low = [a for a in ("cnn", "vit") if r[f"std_{a}"] < 0.1 / math.sqrt(out_dim)]
@@ -588,18 +536,13 @@ def collapse_warning(r, out_dim):
     return f"COLLAPSE: {'; '.join(said)}: a low loss means nothing here (README, 'When a run collapses')" \
         if said else ""
 
-
-# ==========================================================================================
-# Pretraining (paper B.1): two encoders, one Adam, cosine schedule, SWA
-# ==========================================================================================
-
+# ==== Pretraining (paper B.1): two encoders, one Adam, cosine schedule, SWA ======================================
 
 def build_pair(cfg):
     """The two encoders of CASS with heads of the same width (paper 3): random, ImageNet or from files."""
     return [create_encoder(cfg[arm], cfg["out_dim"], encoder_kwargs(cfg[arm], cfg["img_size"], cfg["patch_size"]),
                            cfg[f"{arm}_weights"] or ("imagenet" if cfg["pretrained"] else None))
             for arm in ("cnn", "vit")]
-
 
 def make_adam(params, lr):
     """Adam (paper B.1.3, B.2.2) with fused kernels where this torch has them."""
@@ -608,13 +551,11 @@ def make_adam(params, lr):
     except (RuntimeError, TypeError):
         return torch.optim.Adam(params, lr=lr, foreach=True)
 
-
 def cosine_schedule(optimizer, cfg):
     """Cosine annealing, T_max 16, eta_min 1e-6 (paper B.1.3). Torch's schedule keeps following the cosine
     after T_max: stepped per epoch, the rate falls to 1e-6 at epoch 16 and is back at 1e-3 at epoch 32, so over
     100 epochs SWA's last quarter spans a rise and a fall. That is the paper's setting, kept."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["t_max"], eta_min=cfg["eta_min"])
-
 
 def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch):
     """One epoch of CASS; returns the means of the loss and of the step's collapse statistics."""
@@ -645,7 +586,6 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
     first, last = read_stats(torch.stack([first, loss.detach()]).double(), rt, f"epoch {epoch + 1}")
     return dict(loss=mean[0], loss_first_step=first, loss_last_step=last, std_cnn=mean[1], std_vit=mean[2],
                 cos_cnn_vit=mean[3], steps=step)
-
 
 def pretrain(cfg, store=None):
     """CASS pretraining with a resolved config (`resolve`); returns the run folder."""
@@ -734,14 +674,12 @@ def pretrain(cfg, store=None):
         dist.barrier()  # the other processes wait while rank 0 writes the result
     return out
 
-
 @torch.no_grad()
 def recompute_batchnorm(model, loader, rt):
     """BatchNorm statistics of the (averaged) weights, from one pass over the training images."""
     with rt.autocast():
         torch.optim.swa_utils.update_bn((normalize(x.to(rt.device)) for x, _ in Progress(loader, "BatchNorm")), model,
                                         device=rt.device)
-
 
 def wrap_ddp(model, rt, sync_bn=False):
     if rt.world == 1:
@@ -750,14 +688,12 @@ def wrap_ddp(model, rt, sync_bn=False):
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-
 def format_monitor(m, head):
     line = (f"{head}  val spread cnn/vit {m['val_std_cnn']:.4f}/{m['val_std_vit']:.4f}  rank {m['rank_cnn']:.1f}/"
             f"{m['rank_vit']:.1f}  pc1 {m['pc1_cnn']:.2f}/{m['pc1_vit']:.2f}  cos {m['val_cos']:.3f}  20-NN features "
             f"{m['knn_cnn_feat']:.3f}/{m['knn_vit_feat']:.3f}, outputs {m['knn_cnn_out']:.3f}/{m['knn_vit_out']:.3f}")
     return line + f" (majority class {m['majority']:.3f}" + (f", raw pixels {m['knn_raw_pixels']:.3f})" if
                                                              "knn_raw_pixels" in m else ")")
-
 
 def format_epoch(r, cfg):
     line = (f"epoch {r['epoch']:3d}/{cfg['epochs']}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  spread cnn/vit "
@@ -767,11 +703,7 @@ def format_epoch(r, cfg):
     line += ("\n" + format_monitor(r, " " * 16)) if "knn_cnn_feat" in r else ""
     return line + (f"\n  {warning}" if warning else "")
 
-
-# ==========================================================================================
-# Fine-tuning (paper 4.2, B.2): one arm, focal loss, Adam 3e-4, cosine, early stopping
-# ==========================================================================================
-
+# ==== Fine-tuning (paper 4.2, B.2): one arm, focal loss, Adam 3e-4, cosine, early stopping =======================
 
 def finetune_epoch(model, loader, optimizer, scaler, weights, rt, cfg, prep, desc):
     """One fine-tuning epoch; returns the mean training loss."""
@@ -792,7 +724,6 @@ def finetune_epoch(model, loader, optimizer, scaler, weights, rt, cfg, prep, des
             mean = read_stats(total / step, rt, f"{desc}, by step {step}")[0]
             bar.note(f"loss {mean:.4f}")
     return mean
-
 
 class EarlyStopping:
     """Stop when the validation loss has not improved for `patience` epochs (paper 4.2)."""
@@ -817,13 +748,11 @@ class EarlyStopping:
     def load_state_dict(self, state):
         self.best, self.best_epoch, self.bad = state["best"], state["best_epoch"], state["bad"]
 
-
 def fold_standardisation(head, mean, std):
     """A linear head trained on (x - mean) / std, made to take x itself: W' = W / std, b' = b - W' mean."""
     with torch.no_grad():
         head.weight.div_(std.to(head.weight))
         head.bias.sub_(head.weight @ mean.to(head.weight))
-
 
 @torch.no_grad()
 def logits_of(model, loader, rt, prep):
@@ -836,10 +765,8 @@ def logits_of(model, loader, rt, prep):
         targets.append(y)
     return torch.cat(logits), torch.cat(targets)
 
-
 def probabilities(logits, multilabel):
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
-
 
 def init_encoder(cfg, num_classes):
     """The encoder to fine-tune with a fresh `num_classes` head: a CASS arm (a run folder with --arm, or its
@@ -867,7 +794,6 @@ def init_encoder(cfg, num_classes):
         raise UserError(f"--init {path} is a ViT built for {obj['kwargs'].get('img_size')} px but --img-size is "
                         f"{cfg['img_size']}; drop --img-size or use {obj['kwargs'].get('img_size')}")
     return load_encoder(obj, path, num_classes), obj["model"], obj["kwargs"], obj["arm"]
-
 
 def finetune(cfg, store=None):
     """Fine-tune one arm on a fraction of the labels with a resolved config (`resolve`); returns the run folder."""
@@ -988,22 +914,16 @@ def finetune(cfg, store=None):
                              f"{headline} {results['test'][headline]:.4f}; wrote {out}/best.pt and metrics.json")
     return out
 
-
 def clone(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-
-# ==========================================================================================
-# Evaluation, prediction, and a fine-tuned model in Python
-# ==========================================================================================
-
+# ==== Evaluation, prediction, and a fine-tuned model in Python ===================================================
 
 def load_finetuned(path, what="--ckpt"):
     obj = load_checkpoint(path, what)
     if not isinstance(obj, dict) or obj.get("format") != "cass-encoder" or "classes" not in obj:
         raise UserError(f"{what} {path} is not a fine-tuned checkpoint written by cass.py finetune (best.pt)")
     return obj
-
 
 def load_model(path, device="cpu"):
     """A fine-tuned best.pt as a timm model in eval mode, with its preprocessing: a function from a PIL image (any
@@ -1012,7 +932,6 @@ def load_model(path, device="cpu"):
     obj = load_finetuned(path, "checkpoint")
     model = load_encoder(obj, path).to(device).eval()
     return model, lambda img: normalize(image_tensor(img, obj["img_size"])[None]).to(device), obj["classes"]
-
 
 def ensemble_probabilities(ckpts, table, keys, rt, workers):
     """The mean probability of fine-tuned models over the images `keys` (an ensemble of one or more)."""
@@ -1023,7 +942,6 @@ def ensemble_probabilities(ckpts, table, keys, rt, workers):
         logits, targets = logits_of(model, loader, rt, normalize)
         probs = probs + probabilities(logits, table.multilabel) / len(ckpts)
     return probs, targets
-
 
 def evaluate(cfg):
     """Metrics of one fine-tuned checkpoint, or of the ensemble of several, on a split."""
@@ -1055,7 +973,6 @@ def evaluate(cfg):
     if cfg["out"]:
         write_json(result, cfg["out"])
     return result
-
 
 def predict(cfg):
     """Per-class probabilities and the predicted label of new images (a folder, searched recursively, or a CSV
@@ -1089,7 +1006,6 @@ def predict(cfg):
     print(f"wrote the predictions for {len(table.keys)} images to {out}")
     return out
 
-
 def make_split_files(cfg):
     """The `splits` command: split files of a dataset, from its images on disk or from a complete listing."""
     if cfg["data"] == "brain_mri" and cfg["listing"]:
@@ -1103,14 +1019,10 @@ def make_split_files(cfg):
     write_splits(table, splits, out)
     print(f"wrote {', '.join(f'{k} {len(v)}' for k, v in splits.items())} to {out}")
 
-
-# ==========================================================================================
-# Dataset layouts: each reader returns a Table
-# ==========================================================================================
+# ==== Dataset layouts: each reader returns a Table ===============================================================
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
-
 
 def _rgb_uint8(img):
     """Any PIL image (grey, RGB, RGBA, palette, 16-bit, float) as a uint8 array [H, W] or [H, W, 3]."""
@@ -1121,7 +1033,6 @@ def _rgb_uint8(img):
         top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         return np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
     return np.asarray(img.convert("RGB"))  # RGBA, LA, P, CMYK, ...: PIL composites and converts
-
 
 def write_splits(table, splits, folder):
     """One CSV per split: the image keys and, for a reader, their labels (runs take labels from the data)."""
@@ -1135,7 +1046,6 @@ def write_splits(table, splits, folder):
                                if table.multilabel else [table.classes[int(np.argmax(y))]]))
         atomic_write(Path(folder) / f"{name}.csv", "".join(",".join(r) + "\n" for r in rows).encode())
 
-
 def _class_folders(root, folders, name, layout):
     """A Table of <class>/<image> trees: paths relative to `root`, the class from the parent folder."""
     rel = []
@@ -1148,7 +1058,6 @@ def _class_folders(root, folders, name, layout):
             rel += [str(f.relative_to(root)) for f in files]
     return _labelled_paths(root, rel, name, layout)
 
-
 def _labelled_paths(root, rel, name, layout):
     classes = sorted({Path(p).parts[-2] for p in rel})
     if not classes:
@@ -1156,7 +1065,6 @@ def _labelled_paths(root, rel, name, layout):
     eye = np.eye(len(classes), dtype=np.float32)
     labels = {p: eye[classes.index(Path(p).parts[-2])] for p in rel}
     return Table(name, classes, False, labels, rel, image_dir=str(root))
-
 
 def table_brain_mri(root, listing=None):
     layout = "ROOT/Training/<class>/*.jpg and ROOT/Testing/<class>/*.jpg (the Kaggle layout)"
@@ -1168,13 +1076,11 @@ def table_brain_mri(root, listing=None):
     table.given["test"] = [k for k in table.keys if k.startswith("Testing/")]  # the curators' split, paper 4.3
     return table
 
-
 def table_folder(root):
     layout = "ROOT/<class>/<image> (one folder per class)"
     if not Path(root).is_dir():
         raise UserError(f"--root {root} is not a folder; --data folder expects {layout}")
     return _class_folders(Path(root), [Path(root)], "folder", layout)
-
 
 def read_csv(path):
     try:
@@ -1185,7 +1091,6 @@ def read_csv(path):
     if not rows or not rows[0]:
         raise UserError(f"CSV {path} is empty")
     return rows[0], rows[1:]
-
 
 def _csv_labels(path, header, rows):
     """Labels from a `label` column (class names) or one 0/1 column per class; empty cells: unlabelled."""
@@ -1206,7 +1111,6 @@ def _csv_labels(path, header, rows):
         labels[r[0]] = np.array([float(v) for v in r[1:]], dtype=np.float32)
     return header[1:], any(v.sum() != 1 for v in labels.values()), labels
 
-
 def table_csv(root, name="csv"):
     path = Path(root)
     if not path.is_file():
@@ -1215,7 +1119,6 @@ def table_csv(root, name="csv"):
     header, rows = read_csv(path)
     classes, multilabel, labels = _csv_labels(path, header, rows)
     return Table(name, classes, multilabel, labels, [r[0] for r in rows], image_dir=str(path.parent))
-
 
 def table_isic2019(root, gt_csv=None):
     gt_csv = Path(gt_csv or Path(root) / "ISIC_2019_Training_GroundTruth.csv")
@@ -1234,14 +1137,12 @@ def table_isic2019(root, gt_csv=None):
     return Table("isic2019", classes, False, labels, [r[0] for r in rows],
                  image_dir=str(Path(root) / "ISIC_2019_Training_Input"), suffix=".jpg")
 
-
 def table_autoimmune(root):
     path = Path(root) / "labels.csv"
     if not path.is_file():
         raise UserError(f"{path} does not exist; --data autoimmune expects ROOT/labels.csv (column 'image', then one "
                         "0/1 column per label) with the images beside it")
     return replace(table_csv(path, "autoimmune"), multilabel=True)  # multi-label even where a row has one label
-
 
 def table_medmnist(root):
     try:
@@ -1260,7 +1161,6 @@ def table_medmnist(root):
     return Table("medmnist", [str(c) for c in range(n_cls)], multilabel, labels, [k for s in given for k in given[s]],
                  given, arrays=arrays)
 
-
 def table_digits(root=None):
     from sklearn.datasets import load_digits  # ships inside scikit-learn: no download
 
@@ -1270,10 +1170,8 @@ def table_digits(root=None):
     return Table("digits", [str(c) for c in range(10)], False,
                  {k: np.eye(10, dtype=np.float32)[y] for k, y in zip(keys, d.target)}, keys, arrays={"digits": images})
 
-
 DATASETS = dict(digits=table_digits, brain_mri=table_brain_mri, isic2019=table_isic2019, autoimmune=table_autoimmune,
                 folder=table_folder, csv=table_csv, medmnist=table_medmnist)
-
 
 def load_table(data, root):
     if data != "digits" and root is None:
@@ -1282,11 +1180,7 @@ def load_table(data, root):
         raise UserError(f"--root {root} does not exist")
     return DATASETS[data](root)
 
-
-# ==========================================================================================
-# Run machinery: device and precision, files, claimed run folders, resuming, progress
-# ==========================================================================================
-
+# ==== Run machinery: device and precision, files, claimed run folders, resuming, progress ========================
 
 @dataclass
 class Runtime:
@@ -1302,7 +1196,6 @@ class Runtime:
 
     def scaler(self):  # fp16 needs loss scaling; with bf16 or fp32 the scaler does nothing
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-
 
 def make_runtime(device="auto", precision="auto"):
     """torchrun sets RANK and WORLD_SIZE: data-parallel training is detected here and nowhere else."""
@@ -1321,15 +1214,12 @@ def make_runtime(device="auto", precision="auto"):
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return Runtime(device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision], rank, world)
 
-
 def to_device(model, rt, name):
     """The model on the device; a CNN in channels-last memory (the fast layout for convolutions on GPUs)."""
     return model.to(rt.device, memory_format=torch.contiguous_format if is_vit(name) else torch.channels_last)
 
-
 def _ignore_sigint(_worker):  # Ctrl-C reaches every process of the terminal: the main process handles it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
 
 def make_loader(dataset, sampler, batch, workers, rt):
     if getattr(dataset, "cache", None) is not None and getattr(dataset, "transform", None) is None:
@@ -1337,7 +1227,6 @@ def make_loader(dataset, sampler, batch, workers, rt):
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None,
                       persistent_workers=bool(workers) and sampler is not None)  # training: no start-up per epoch
-
 
 def decode_all(table, keys, size, workers, store=None):
     """--cache-images: every image decoded and resized once, uint8 [N, 3, size, size]. `store`, a dict the
@@ -1352,7 +1241,6 @@ def decode_all(table, keys, size, workers, store=None):
     if store is not None and table.arrays is None:  # arrays are in memory already
         store[key] = images
     return images
-
 
 @contextlib.contextmanager
 def _hub_offline_unless_reachable(timeout=5.0):
@@ -1369,7 +1257,6 @@ def _hub_offline_unless_reachable(timeout=5.0):
     finally:
         hub.HF_HUB_OFFLINE = was
 
-
 def read_stats(values, rt, where):
     """Values averaged on the device, read back (one sync; the mean over torchrun's processes). The first is a
     loss: a non-finite one stops every process, and last.pt keeps the last finished epoch."""
@@ -1382,7 +1269,6 @@ def read_stats(values, rt, where):
         raise UserError(f"the loss became {values[0]} in {where}; stopped (last.pt holds the last finished epoch); "
                         "try a lower --lr")
     return values
-
 
 def atomic_write(path, data):
     """bytes, or an object for torch.save, written to a temporary file and renamed: a process killed at any
@@ -1397,15 +1283,12 @@ def atomic_write(path, data):
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
 def write_json(obj, path):
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
-
 
 def append_jsonl(obj, path):
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
-
 
 def load_checkpoint(path, what="checkpoint"):
     if not Path(path).is_file():
@@ -1414,7 +1297,6 @@ def load_checkpoint(path, what="checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{what} {path} is not a file written by cass.py ({type(e).__name__})") from None
-
 
 def claim(lock):
     """Create `lock` holding this process's id, unless a live process holds it (then None); a lock left by a
@@ -1439,7 +1321,6 @@ def claim(lock):
         return Path(lock)
     return None
 
-
 def check_run_folder(out, resume):
     """Before any work: --resume needs a last.pt, and a folder that holds a run is never written over."""
     if resume and not (out / "last.pt").is_file():
@@ -1448,7 +1329,6 @@ def check_run_folder(out, resume):
     if not resume and any((out / f).exists() for f in ("last.pt", "cnn.pt", "best.pt", "metrics.json")):
         raise UserError(f"{out} already holds a run; continue it with --resume (where it has a last.pt), or choose "
                         "another --out")
-
 
 @contextlib.contextmanager
 def claim_run_folder(out, cfg, rt, splits=None, table=None):
@@ -1472,12 +1352,10 @@ def claim_run_folder(out, cfg, rt, splits=None, table=None):
     finally:
         lock.unlink(missing_ok=True)
 
-
 def save_run(state, out, epoch, cfg, **extra):
     """last.pt, after every epoch: every state_dict, the random state, the epochs done and the config."""
     atomic_write(out / "last.pt", dict(format="cass-run", epoch=epoch, config=cfg, rng=torch.get_rng_state(), **extra,
                                        **{k: v.state_dict() for k, v in state.items()}))
-
 
 def restore(state, out, rt):
     """An interrupted run's state from last.pt; returns what it saved (the epochs done, ...)."""
@@ -1491,18 +1369,15 @@ def restore(state, out, rt):
         print(f"resuming {out} after epoch {saved['epoch']}")
     return saved
 
-
 def interrupted(out, epoch):
     return UserError(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds epoch {epoch}: continue with the "
                      "same command plus --resume" if epoch else "no epoch had finished: run the same command again"))
-
 
 def finish_run(out, cfg, message):
     """last.pt only serves resuming (268 MB at the tiny preset, ~2 GB at the paper's): it goes unless --keep-last."""
     if not cfg["keep_last"]:
         (out / "last.pt").unlink(missing_ok=True)
     print(message.rstrip())
-
 
 class Progress:
     """tqdm on a terminal; elsewhere (nohup, a log file) a plain line every 30 s, so no epoch is silent."""
@@ -1529,10 +1404,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
 
-
-# ==========================================================================================
-# Command line: every flag once, its default from the config above
-# ==========================================================================================
+# ==== Command line: every flag once, its default from the config above ===========================================
 
 PRESET = "the preset's"  # a flag whose default comes from PAPER / TINY
 FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s splits; default; help; argparse options)
@@ -1608,7 +1480,6 @@ COMMANDS = dict(pretrain=("p", pretrain, "CASS pretraining of a CNN and a ViT to
 RESUMABLE = ("epochs", "device", "workers", "keep_last", "resume", "out", "root")  # may differ on --resume
 INHERITED = ("preset", "img_size", "patch_size", "data", "root", "splits")  # finetune takes them from --init
 
-
 def resolve(command, given):
     """A run's config: the flags given (a dict, unset ones left out), then for finetune what the --init run used,
     then the preset's values, then the defaults above. A resumed run takes its own config (args.json)."""
@@ -1643,7 +1514,6 @@ def resolve(command, given):
         cfg["swa_start"] = int(0.75 * cfg["epochs"])  # SWA over the last quarter of the epochs
     return cfg
 
-
 def init_config(init):
     """What finetune takes from an --init run folder or encoder file: its preset, image and patch size, dataset
     and splits (the folder's own splits/)."""
@@ -1660,14 +1530,12 @@ def init_config(init):
     base = {k: cfg[k] for k in INHERITED if k in cfg and cfg[k] is not None}
     return {**base, "splits": str(folder / "splits")} if (folder / "splits" / "train.csv").is_file() else base
 
-
 def preset_default(key, command):
     """A preset's default as --help shows it: the paper's value and the tiny preset's."""
     if command not in ("pretrain", "finetune"):
         return PAPER[key]
     key = "ft_" + key if command == "finetune" and key in ("epochs", "batch_size", "lr") else key
     return f"paper: {PAPER[key]}; tiny: {TINY.get(key, PAPER[key])}"
-
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="cass.py", description=__doc__.split("\n\n")[0])
@@ -1680,7 +1548,6 @@ def build_parser():
                 show = "" if options.get("required") else f" (default: {default})"
                 p.add_argument("--" + key.replace("_", "-"), default=None, help=help_text + show, **options)
     return parser
-
 
 def main(argv=None):
     args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)
@@ -1703,7 +1570,6 @@ def main(argv=None):
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,13 +21,15 @@ tools/protocol.py (the paper's label-efficiency grid) and tools/bench.py (speed)
 
 Where this file differs from the authors' notebooks, deliberately: gradients are zeroed every step (they
 never are); SWA is real (AveragedModel from --swa-start, once per epoch, BatchNorm statistics recomputed for
-the averaged CNN; theirs does nothing); the cosine schedule moves once per epoch (they step it per batch:
---sched-unit step); pretraining sees the whole training split, not the 10% labelled subset; metrics are
-scikit-learn's, named for what they are (their "F1" is micro recall accumulated across epochs); focal-loss
-class weights are inverse frequency (theirs, --class-weights paper, weigh the majority most); the ViT is
-validated and saved as itself and no evaluation loader drops images; splits are stratified, nested (1% in
-10% in 100%) and committed; checkpoints are state_dicts (torch.load(..., weights_only=True)); augmentation
-follows the paper's text: ColorJitter *or* RandomPerspective, then RandomAffine, then flips.
+the averaged CNN; theirs does nothing); the cosine schedule moves once per epoch (they step it per batch, so
+with T_max 16 the rate cycles every 32 steps: --sched-unit step); pretraining sees the whole training split,
+not the 10% labelled subset; metrics are scikit-learn's, named for what they are (their "F1" is micro recall
+accumulated across epochs); focal-loss class weights are inverse frequency (theirs, --class-weights paper,
+weigh the majority most); the ViT is validated and saved as itself, the validation loss is averaged over the
+validation loader and no evaluation loader drops images; splits are stratified, nested (1% in 10% in 100%)
+and committed; checkpoints are state_dicts (torch.load(..., weights_only=True)); augmentation follows the
+paper's text: ColorJitter *or* RandomPerspective, then RandomAffine, then the flips (the notebooks apply two
+ColorJitters).
 
 The linear probe (finetune --mode linear) trains a head on the frozen encoder's pooled features, computed
 once without augmentation and standardised with the training features' statistics (folded into the head

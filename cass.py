@@ -463,7 +463,7 @@ def output_spread(z):
     """Mean per-dimension std of the L2-normalised outputs [B, D], a tensor: about 1/sqrt(D) when they spread
     over the sphere, 0 when every image gets the same vector (collapse)."""
     z = F.normalize(z.float(), dim=-1)
-    return z.std(dim=0).mean() if len(z) > 1 else torch.tensor(float("nan"))
+    return z.std(dim=0).mean() if len(z) > 1 else torch.tensor(float("nan"), device=z.device)
 
 def spectrum(z):
     """Dimensional collapse, invisible to the spread: the first principal component's share of the variance of
@@ -503,7 +503,7 @@ def monitor_loaders(table, splits, cfg, store):
     for split, n in (("train", MONITOR["bank"]), ("val", MONITOR["queries"])):
         keys = [k for k in splits[split] if k in table.labels]
         keys = [keys[i] for i in sorted(rng.permutation(len(keys))[:n])]
-        cache = decode_all(table, keys, cfg["img_size"], cfg["workers"], store) if cfg["cache_images"] else None
+        cache = decode_all(table, keys, cfg, store)
         loaders[split] = DataLoader(ImageDataset(table, keys, cfg["img_size"], cache=cache), batch_size=256,
                                     num_workers=0 if cache is not None else cfg["workers"])
     return loaders if all(len(v.dataset) for v in loaders.values()) else None
@@ -579,8 +579,8 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
         if cfg["sched_unit"] == "step" or step == len(loader):  # once per epoch, or per step as the notebooks
             scheduler.step()
         with torch.no_grad():  # statistics stay on the device; read back every LOG_EVERY steps
-            zr, zt = F.normalize(r.float(), dim=-1), F.normalize(t.float(), dim=-1)
-            stats += torch.stack([loss.detach(), zr.std(0).mean(), zt.std(0).mean(), (zr * zt).sum(-1).mean()]).double()
+            cos = (F.normalize(r.float(), dim=-1) * F.normalize(t.float(), dim=-1)).sum(-1).mean()
+            stats += torch.stack([loss.detach(), output_spread(r), output_spread(t), cos]).double()
             first = loss.detach() if first is None else first
         if step % LOG_EVERY == 0 or step == len(loader):
             mean = read_stats(stats / step, rt, f"epoch {epoch + 1}, by step {step}")
@@ -608,7 +608,7 @@ def pretrain(cfg, store=None):
     if len(train) < cfg["batch_size"]:
         raise UserError(f"the training split has {len(train)} images, fewer than one batch (--batch-size "
                         f"{cfg['batch_size']}); lower --batch-size")
-    cache = decode_all(table, train, cfg["img_size"], cfg["workers"], store) if cfg["cache_images"] else None
+    cache = decode_all(table, train, cfg, store)
     dataset = ImageDataset(table, train, cfg["img_size"], cass_augment(), cache)
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
@@ -828,8 +828,7 @@ def finetune(cfg, store=None):
         if not k:
             raise UserError(f"the {s} split ({cfg['splits']}) has no labelled images")
     size = cfg["img_size"]
-    cached = {s: decode_all(table, k, size, cfg["workers"], store) if cfg["cache_images"] else None
-              for s, k in keys.items()}
+    cached = {s: decode_all(table, k, cfg, store) for s, k in keys.items()}
     train_ds = ImageDataset(table, keys["train"], size, cass_augment(), cached["train"])  # paper B.2.1
     eval_ds = {s: ImageDataset(table, keys[s], size, cache=cached[s]) for s in ("val", "test")}
     weights = class_weights(train_ds.targets.sum(0), cfg["class_weights"])
@@ -841,8 +840,7 @@ def finetune(cfg, store=None):
     if cfg["init"] == "random-bn":
         # The control for CASS's CNN: a random CNN whose BatchNorm statistics are re-estimated on the unlabelled
         # training images. A gain over it is learned; a gain over `random` alone may be recalibration.
-        everything = ImageDataset(table, splits["train"], size, cache=decode_all(
-            table, splits["train"], size, cfg["workers"], store) if cfg["cache_images"] else None)
+        everything = ImageDataset(table, splits["train"], size, cache=decode_all(table, splits["train"], cfg, store))
         recompute_batchnorm(model, make_loader(everything, None, cfg["batch_size"], cfg["workers"], rt), rt)
     eval_loader = {s: make_loader(d, None, cfg["batch_size"], cfg["workers"], rt) for s, d in eval_ds.items()}
     trainable, prep, workers = model, normalize, cfg["workers"]
@@ -1230,9 +1228,12 @@ def make_loader(dataset, sampler, batch, workers, rt):
                       pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None,
                       persistent_workers=bool(workers) and sampler is not None)  # training: no start-up per epoch
 
-def decode_all(table, keys, size, workers, store=None):
-    """--cache-images: every image decoded and resized once, uint8 [N, 3, size, size]. `store`, a dict the
-    caller owns, keeps them for the later runs of one process (tools/protocol.py)."""
+def decode_all(table, keys, cfg, store=None):
+    """--cache-images: every image decoded and resized once, uint8 [N, 3, size, size] (None without the flag).
+    `store`, a dict the caller owns, keeps them for the later runs of one process (tools/protocol.py)."""
+    if not cfg["cache_images"]:
+        return None
+    size, workers = cfg["img_size"], cfg["workers"]
     key = (table.name, table.image_dir, size, tuple(keys))
     if store is not None and key in store:
         return store[key]

@@ -145,7 +145,7 @@ def data_images_per_s(cfg, rt):
     table = cass.load_table(cfg["data"], cfg["root"])
     splits, _ = cass.load_splits(cfg, table)
     keys = splits["train"]
-    cache = cass.decode_all(table, keys, cfg["img_size"], cfg["workers"]) if cfg["cache_images"] else None
+    cache = cass.decode_all(table, keys, cfg)
     dataset = cass.ImageDataset(table, keys, cfg["img_size"], cass.cass_augment(), cache)
     sampler = cass.EpochSampler(len(dataset), cfg["batch_size"], 0)
     it = iter(torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler,

@@ -508,20 +508,23 @@ def monitor_loaders(table, splits, cfg, store):
                                     num_workers=0 if cache is not None else cfg["workers"])
     return loaders if all(len(v.dataset) for v in loaders.values()) else None
 
-def monitor(cnn, vit, loaders, rt, baselines=False):
-    """The collapse monitor on the validation queries: per arm the spread, the first principal component's share
-    and the effective rank of the outputs, and the 20-NN accuracy against the bank on the outputs and on the
-    pooled features; the cosine between the arms. `baselines`: the majority class's share of the queries and
-    the 20-NN on raw pixels (pooled to at most 64 px), the floor a learned representation must clear."""
+def monitor(arms, loaders, rt, baselines=False):
+    """The collapse monitor on the validation queries, for each encoder of `arms` ({"cnn": model, "vit": model}
+    or one of them): the spread, the first principal component's share and the effective rank of the outputs,
+    and the 20-NN accuracy against the bank on the outputs and on the pooled features; with two arms the cosine
+    between them. `baselines`: the majority class's share of the queries and the 20-NN on raw pixels (pooled to
+    at most 64 px), the floor a learned representation must clear."""
     m, k, z = {}, MONITOR["k"], {}
-    for arm, model in (("cnn", cnn), ("vit", vit)):
+    for arm, model in arms.items():
         (tf, to, ty), (vf, vo, vy) = encode(model, loaders["train"], rt), encode(model, loaders["val"], rt)
         ty, vy = ty.argmax(1), vy.argmax(1)
         m[f"knn_{arm}_out"], m[f"knn_{arm}_feat"] = knn_accuracy(to, ty, vo, vy, k), knn_accuracy(tf, ty, vf, vy, k)
         m[f"val_std_{arm}"] = float(output_spread(vo))
         m[f"pc1_{arm}"], m[f"rank_{arm}"] = spectrum(vo)
         z[arm] = F.normalize(vo, dim=-1)
-    m["val_cos"], m["majority"] = float((z["cnn"] * z["vit"]).sum(-1).mean()), float(vy.bincount().max() / len(vy))
+    if len(z) == 2:
+        m["val_cos"] = float((z["cnn"] * z["vit"]).sum(-1).mean())
+    m["majority"] = float(vy.bincount().max() / len(vy))
     if baselines:
         def pixels(loader):
             x = torch.cat([x for x, _ in loader]).float()
@@ -531,10 +534,12 @@ def monitor(cnn, vit, loaders, rt, baselines=False):
     return m
 
 def collapse_warning(r, out_dim):
-    """One sentence when the statistics of an epoch say collapse (a warning: the run goes on), else ''."""
-    low = [a for a in ("cnn", "vit") if r[f"std_{a}"] < 0.1 / math.sqrt(out_dim)]
+    """One sentence when an epoch's statistics say collapse (a warning: the run goes on), else ''. Judged on the
+    training batches (std_*, cos_cnn_vit) and, where the monitor ran, on the validation images (val_std_*, val_cos)."""
+    low = [a for a in ("cnn", "vit") if min(r.get(f"std_{a}", 1), r.get(f"val_std_{a}", 1)) < 0.1 / math.sqrt(out_dim)]
     said = [f"the {' and '.join(low)} outputs spread below a tenth of 1/sqrt(dim)"] if low else []
-    said += ["the arms agree to a cosine above 0.99"] if r["cos_cnn_vit"] > 0.99 else []
+    agree = max(r.get("cos_cnn_vit", 0), r.get("val_cos", 0)) > 0.99
+    said += ["the arms agree to a cosine above 0.99"] if agree else []
     return f"COLLAPSE: {'; '.join(said)}: a low loss means nothing here (README, 'When a run collapses')" \
         if said else ""
 
@@ -633,7 +638,7 @@ def pretrain(cfg, store=None):
                   f"{cfg['batch_size']} on {rt.world} x {rt.device.type} "
                   f"{str(rt.amp_dtype or 'fp32').replace('torch.', '')}; run folder {out}")
         if start == 0 and mon is not None:
-            m = monitor(cnn, vit, mon, rt, baselines=True)
+            m = monitor(dict(cnn=cnn, vit=vit), mon, rt, baselines=True)
             append_jsonl(dict(epoch=0, phase="init", **m), out / "log.jsonl")
             print(format_monitor(m, "epoch   0 (init)"))
 
@@ -654,7 +659,7 @@ def pretrain(cfg, store=None):
                 if rt.rank == 0:
                     if mon is not None:
                         t0 = time.perf_counter()
-                        r.update(monitor(cnn, vit, mon, rt), monitor_seconds=time.perf_counter() - t0)
+                        r.update(monitor(dict(cnn=cnn, vit=vit), mon, rt), monitor_seconds=time.perf_counter() - t0)
                     append_jsonl(r, out / "log.jsonl")
                     print(format_epoch(r, cfg))
                     save_run(state, out, epoch + 1, cfg)
@@ -691,9 +696,11 @@ def wrap_ddp(model, rt, sync_bn=False):
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 def format_monitor(m, head):
-    line = (f"{head}  val spread cnn/vit {m['val_std_cnn']:.4f}/{m['val_std_vit']:.4f}  rank {m['rank_cnn']:.1f}/"
-            f"{m['rank_vit']:.1f}  pc1 {m['pc1_cnn']:.2f}/{m['pc1_vit']:.2f}  cos {m['val_cos']:.3f}  20-NN features "
-            f"{m['knn_cnn_feat']:.3f}/{m['knn_vit_feat']:.3f}, outputs {m['knn_cnn_out']:.3f}/{m['knn_vit_out']:.3f}")
+    arms = [a for a in ("cnn", "vit") if f"val_std_{a}" in m]
+    each = lambda key, f: "/".join(format(m[key.format(a)], f) for a in arms)  # noqa: E731
+    line = (f"{head}  val spread {'/'.join(arms)} {each('val_std_{}', '.4f')}  rank {each('rank_{}', '.1f')}  pc1 "
+            f"{each('pc1_{}', '.2f')}" + (f"  cos {m['val_cos']:.3f}" if "val_cos" in m else "") + "  20-NN features "
+            f"{each('knn_{}_feat', '.3f')}, outputs {each('knn_{}_out', '.3f')}")
     return line + f" (majority class {m['majority']:.3f}" + (f", raw pixels {m['knn_raw_pixels']:.3f})" if
                                                              "knn_raw_pixels" in m else ")")
 
@@ -1329,7 +1336,7 @@ def check_run_folder(out, resume):
     if resume and not (out / "last.pt").is_file():
         raise UserError(f"--resume: {out}/last.pt does not exist, so there is nothing to resume (a finished run "
                         "removes it unless --keep-last); drop --resume to start a new run")
-    if not resume and any((out / f).exists() for f in ("last.pt", "cnn.pt", "best.pt", "metrics.json")):
+    if not resume and any((out / f).exists() for f in ("last.pt", "cnn.pt", "vit.pt", "best.pt", "metrics.json")):
         raise UserError(f"{out} already holds a run; continue it with --resume (where it has a last.pt), or choose "
                         "another --out")
 
@@ -1356,9 +1363,12 @@ def claim_run_folder(out, cfg, rt, splits=None, table=None):
         lock.unlink(missing_ok=True)
 
 def save_run(state, out, epoch, cfg, **extra):
-    """last.pt, after every epoch: every state_dict, the random state, the epochs done and the config."""
+    """last.pt, after every epoch: every state_dict, the random state, the epochs done, the config and how many
+    lines log.jsonl held (a run folder may hold several passes: tools/dino.py)."""
+    log = out / "log.jsonl"
+    lines = sum(1 for _ in open(log)) if log.exists() else 0
     atomic_write(out / "last.pt", dict(format="cass-run", epoch=epoch, config=cfg, rng=torch.get_rng_state(), **extra,
-                                       **{k: v.state_dict() for k, v in state.items()}))
+                                       log_lines=lines, **{k: v.state_dict() for k, v in state.items()}))
 
 def restore(state, out, rt):
     """An interrupted run's state from last.pt; returns what it saved (the epochs done, ...)."""
@@ -1366,15 +1376,17 @@ def restore(state, out, rt):
     for name, obj in state.items():
         obj.load_state_dict(saved[name])
     torch.set_rng_state(saved["rng"])
-    log = out / "log.jsonl"  # a kill between the log line and last.pt leaves a line too many
+    log = out / "log.jsonl"  # a kill between a log line and last.pt leaves lines too many
     if rt.rank == 0 and log.exists():
-        atomic_write(log, "".join(s for s in open(log) if json.loads(s)["epoch"] <= saved["epoch"]).encode())
+        atomic_write(log, "".join(open(log).readlines()[:saved["log_lines"]]).encode())
         print(f"resuming {out} after epoch {saved['epoch']}")
     return saved
 
 def interrupted(out, epoch):
-    return UserError(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds epoch {epoch}: continue with the "
-                     "same command plus --resume" if epoch else "no epoch had finished: run the same command again"))
+    """What to do after Ctrl-C or SIGTERM, from what the run folder holds (a folder may hold several passes)."""
+    return UserError(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds the finished epochs: continue with "
+                     "the same command plus --resume" if (out / "last.pt").is_file() else
+                     "no epoch had finished: run the same command again"))
 
 def finish_run(out, cfg, message):
     """last.pt only serves resuming (268 MB at the tiny preset, ~2 GB at the paper's): it goes unless --keep-last."""

@@ -1118,10 +1118,10 @@ def test_the_monitor_reports_near_zero_spread_when_both_arms_collapse(tmp_path):
     splits = cass.make_splits(table)
     loaders = {s: torch.utils.data.DataLoader(cass.ImageDataset(table, splits[s], 32), batch_size=8)
                for s in ("train", "val")}
-    m = cass.monitor(cnn, vit, loaders, CPU, baselines=True)
+    m = cass.monitor(dict(cnn=cnn, vit=vit), loaders, CPU, baselines=True)
     assert m["val_std_cnn"] < 1e-6 and m["val_std_vit"] < 1e-6
     assert m["majority"] == pytest.approx(1 / 3) and 0 <= m["knn_raw_pixels"] <= 1
-    healthy = cass.monitor(*small_pair(), loaders, CPU)
+    healthy = cass.monitor(dict(zip(("cnn", "vit"), small_pair())), loaders, CPU)
     assert healthy["val_std_cnn"] > 100 * m["val_std_cnn"] + 1e-4 and healthy["rank_cnn"] > m["rank_cnn"]
 
 

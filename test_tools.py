@@ -1,4 +1,4 @@
-"""Tests of tools/protocol.py and tools/bench.py, the reproduction tools beside cass.py."""
+"""Tests of the tools beside cass.py: tools/protocol.py, tools/bench.py and tools/dino.py (the comparator)."""
 import json
 import os
 import subprocess
@@ -8,19 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cass import TINY, write_folder
+from test_cass import CPU, TINY, read_log, write_folder
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "tools"))
 import bench  # noqa: E402
 import cass  # noqa: E402
+import dino  # noqa: E402
 import protocol  # noqa: E402
 
 
 def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells(tmp_path, capsys):
     root = write_folder(tmp_path / "d", n=10)
     args = [*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--epochs", "1", "--arms", "cnn",
-            "--inits", "cass", "random", "random-bn", "imagenet", "--modes", "linear", "--fractions", "1.0",
+            "--inits", "cass", "dino", "random", "random-bn", "imagenet", "--modes", "linear", "--fractions", "1.0",
             "--seeds", "2", "--ft-epochs-linear", "1", "--out", tmp_path / "p"]
     env_hub = os.environ.get("HF_ENDPOINT")
     os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the hub is unreachable: the imagenet cells are skipped
@@ -31,14 +32,17 @@ def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells
     out = capsys.readouterr().out
     assert "skipping the imagenet cells: the Hugging Face hub cannot be reached" in out
     table = json.load(open(tmp_path / "p" / "table.json"))
-    assert {(r["init"], r["n"]) for r in table["rows"]} == {("cass", 2), ("random", 2), ("random-bn", 2)}
+    assert {(r["init"], r["n"]) for r in table["rows"]} == {("cass", 2), ("dino", 2), ("random", 2), ("random-bn", 2)}
     assert "| 100% | cnn | cass | linear |" in (tmp_path / "p" / "table.md").read_text()
     cell = tmp_path / "p" / "cells" / "cnn-cass-linear-1-seed0"
     assert json.load(open(cell / "args.json"))["splits"] == str(tmp_path / "p" / "pretrain" / "splits")
+    dino_run = tmp_path / "p" / "dino"  # both arms, on the CASS run's splits; its cells start from it
+    assert json.load(open(dino_run / "args.json"))["splits"] == str(tmp_path / "p" / "pretrain" / "splits")
+    assert json.load(open(tmp_path / "p" / "cells" / "cnn-dino-linear-1-seed0" / "args.json"))["init"] == str(dino_run)
     assert protocol.main(args) == 0  # everything finished: nothing is trained again
     out = capsys.readouterr().out
-    assert "[1/6]" not in out and "fine-tuning resnet" not in out, out
-    assert "6 fine-tuning runs" in (tmp_path / "p" / "table.md").read_text()
+    assert "[1/8]" not in out and "fine-tuning resnet" not in out and "pretraining" not in out, out
+    assert "8 fine-tuning runs" in (tmp_path / "p" / "table.md").read_text()
     assert json.load(open(tmp_path / "p" / "table.json"))["pretrain_minutes"] > 0
 
 
@@ -116,3 +120,119 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     (l0, c0, v0), (l1, c1, v1) = grads
     assert l0 == pytest.approx(l1, rel=1e-5)
     assert torch.allclose(c0, c1, rtol=1e-4, atol=1e-6) and torch.allclose(v0, v1, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# tools/dino.py: the paper's comparator
+# ------------------------------------------------------------------------------------------
+
+DINO_CFG = dict(cnn="resnet18", vit="vit_tiny_patch16_224", img_size=32, patch_size=8, pretrained=False,
+                cnn_weights=None, vit_weights=None, recipe="vit-pytorch", lr=1e-3, sched_unit="epoch", t_max=16,
+                eta_min=1e-6)
+
+
+def test_dino_moves_the_teacher_and_the_centre_every_step_and_trains_only_the_student():
+    torch.manual_seed(0)
+    learner = dino.build_learner(DINO_CFG, "cnn", CPU)
+    optimizer = cass.make_adam(learner.student_encoder.parameters(), DINO_CFG["lr"])
+    scheduler = cass.cosine_schedule(optimizer, DINO_CFG)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    teacher = lambda: [p.detach().clone() for p in learner.teacher_encoder.parameters()]  # noqa: E731
+    assert not any(p.requires_grad for p in learner.teacher_encoder.parameters())
+    for _ in range(2):
+        before, centre = teacher(), learner.teacher_centers.clone()
+        student = [p.detach().clone() for p in learner.student_encoder.parameters()]
+        r = dino.dino_epoch(learner, [(x, None)], optimizer, CPU.scaler(), scheduler, CPU, DINO_CFG, "test")
+        assert r["steps"] == 1 and r["loss"] > 0
+        assert any(not torch.equal(a, b) for a, b in zip(before, teacher())), "the teacher did not move"
+        assert not torch.equal(centre, learner.teacher_centers), "the centre did not move"
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(student, learner.student_encoder.parameters()))
+
+
+def test_dino_recipes_set_the_class_arguments():
+    learner = dino.build_learner({**DINO_CFG, "recipe": "dino-paper"}, "vit", CPU)
+    assert learner.student_temp == 0.1 and learner.teacher_ema_updater.beta == 0.996
+    learner = dino.build_learner(DINO_CFG, "vit", CPU)
+    assert learner.student_temp == 0.9 and learner.teacher_ema_updater.beta == 0.9  # vit_pytorch's, as the paper ran
+
+
+def test_importing_cass_or_the_dino_tool_does_not_import_vit_pytorch():
+    code = "import sys, cass; sys.path.insert(0, 'tools'); import dino; print('vit_pytorch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_dino_run_gives_encoders_that_finetune_and_load_model_take_as_a_cass_run(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", n=8)
+    run = tmp_path / "dino"
+    assert dino.main([*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--splits", "auto", "--epochs",
+                      "1", "--out", run]) == 0
+    out = capsys.readouterr().out
+    assert "cnn epoch   1/1" in out and "vit epoch   1/1" in out and "20-NN features" in out
+    log = read_log(run / "log.jsonl")
+    assert [(r["arm"], r["epoch"]) for r in log] == [("cnn", 0), ("cnn", 1), ("vit", 0), ("vit", 1)]
+    for r in log[1::2]:
+        arm = r["arm"]
+        for key in ("loss", f"std_{arm}", f"val_std_{arm}", f"rank_{arm}", f"pc1_{arm}", f"knn_{arm}_feat",
+                    f"knn_{arm}_out", "seconds", "std_healthy"):
+            assert key in r, key
+    assert "knn_raw_pixels" in log[0] and not (run / "last.pt").exists()
+    args = json.load(open(run / "args.json"))
+    assert args["method"] == "dino" and "objective" not in args and args["arms"] == ["cnn", "vit"]
+    for arm in ("cnn", "vit"):
+        obj = torch.load(run / f"{arm}.pt", weights_only=True)
+        assert obj["format"] == "cass-encoder" and obj["arm"] == arm and obj["num_classes"] == 16
+    assert cass.main(["finetune", *TINY, "--epochs", "1", "--init", run, "--arm", "vit", "--label-fraction", "1.0",
+                      "--out", tmp_path / "ft"]) == 0
+    model, preprocess, classes = cass.load_model(tmp_path / "ft" / "best.pt")
+    assert classes == ["a", "b", "c"] and model(preprocess(_image())).shape == (1, 3)
+    assert dino.main([*TINY, "--data", "folder", "--root", root, "--out", run]) == 2  # never written over
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def _image():
+    from PIL import Image
+
+    return Image.new("RGB", (20, 20), (90, 30, 200))
+
+
+def test_an_interrupted_dino_run_resumes_to_the_same_encoders_and_log(tmp_path, monkeypatch, capsys):
+    root = write_folder(tmp_path / "d", n=8)
+    common = [*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "2"]
+    assert dino.main([*common, "--out", tmp_path / "a"]) == 0
+    epoch, calls = dino.dino_epoch, []
+
+    def second_call_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C or SIGTERM inside an epoch
+        return epoch(*args, **kwargs)
+
+    monkeypatch.setattr(dino, "dino_epoch", second_call_interrupted)
+    b = tmp_path / "b"
+    # first in the CNN pass's second epoch; then, resumed, in the ViT pass's first (after cnn.pt was written)
+    for resume in ([], ["--resume"]):
+        calls.clear()
+        assert dino.main([*common, "--out", b, *resume]) == 2
+        assert "--resume" in capsys.readouterr().err
+    assert (b / "cnn.pt").exists() and not (b / "vit.pt").exists()
+    monkeypatch.setattr(dino, "dino_epoch", epoch)
+    assert dino.main([*common, "--out", b, "--resume"]) == 0
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and k != "images_per_s"} for r in rs]  # noqa
+    assert strip(read_log(tmp_path / "a" / "log.jsonl")) == strip(read_log(b / "log.jsonl"))
+    for arm in ("cnn", "vit"):
+        x, y = (torch.load(p / f"{arm}.pt", weights_only=True)["state_dict"] for p in (tmp_path / "a", b))
+        assert all(torch.equal(x[k], y[k]) for k in x), arm
+
+
+def test_bench_dino_gives_the_cass_over_dino_ratio_of_steps_and_of_real_epochs(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", n=6)
+    assert bench.main([*TINY, "--out-dim", "16", "--steps", "1", "--warmup", "0", "--data", "folder", "--root", root,
+                       "--splits", "auto", "--dino"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["cass_over_dino_step"] == pytest.approx(
+        r["seconds_per_step"] / (r["dino_cnn_seconds_per_step"] + r["dino_vit_seconds_per_step"]))
+    assert r["cass_over_dino_epoch"] == pytest.approx(
+        r["cass_epoch_seconds"] / (r["dino_cnn_epoch_seconds"] + r["dino_vit_epoch_seconds"]))
+    assert "CASS / (DINO CNN + DINO ViT)" in out

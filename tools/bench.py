@@ -5,6 +5,13 @@ matrix-product peak, the largest batch that fits a GPU (--max-batch) and, given 
 
     python tools/bench.py --preset tiny
     python tools/bench.py --device cuda --max-batch          # the paper's encoders at 384 px
+    python tools/bench.py --preset tiny --dino --data isic2019 --root DIR    # the paper's Table 2
+
+--dino (the paper's Table 2) also times one DINO step of each arm (tools/dino.py: vit_pytorch.Dino, same
+encoders, batch, precision and device) and gives the ratio CASS / (DINO CNN + DINO ViT): DINO trains one
+architecture per run, so a CNN and a ViT cost two runs where CASS costs one (the paper: 0.27 to 0.31). It then
+runs one epoch of each for real on the data (`cass.py pretrain` and `tools/dino.py`, in a temporary folder),
+data loading included, and gives the same ratio of epoch wall times.
 
 The last line of the output is the same numbers as JSON.
 """
@@ -12,6 +19,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cass  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dino  # noqa: E402  (imports vit_pytorch only with --dino)
 
 BENCH_FLAGS = ("data", "root", "splits", "preset", "cnn", "vit", "patch_size", "img_size", "out_dim", "batch_size",
                "lr", "workers", "device", "precision", "compile", "cache_images", "objective")
@@ -34,6 +45,7 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to fit larger batches")
     p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest batch that fits")
+    p.add_argument("--dino", action="store_true", help="also time DINO on each arm, steps and whole epochs (Table 2)")
     return p
 
 
@@ -107,6 +119,32 @@ def bench_step(cfg, rt, plain, count_flops=True):
     with counter:
         step()
     return seconds, counter.get_total_flops(), peak
+
+
+def dino_step_seconds(cfg, rt, arm):
+    """Median seconds of one DINO step on one arm (tools/dino.dino_epoch on one synthetic batch)."""
+    torch.manual_seed(0)
+    learner = dino.build_learner({**cfg, "pretrained": False, "cnn_weights": None, "vit_weights": None,
+                                  "recipe": "vit-pytorch"}, arm, rt)
+    optimizer = cass.make_adam(learner.student_encoder.parameters(), cfg["lr"])
+    scheduler, scaler = cass.cosine_schedule(optimizer, cfg), rt.scaler()
+    batch = [(torch.randint(0, 256, (cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"]), dtype=torch.uint8),
+              None)]
+    return median_seconds(lambda: dino.dino_epoch(learner, batch, optimizer, scaler, scheduler, rt, cfg, arm),
+                          cfg["warmup"], cfg["steps"], rt.device)
+
+
+def epoch_seconds(cfg):
+    """Wall seconds of one real epoch (data loading included, the monitor not) of CASS and of DINO on each arm,
+    from the log.jsonl of `cass.py pretrain` and `tools/dino.py` runs in a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        common = {**cfg, "epochs": 1, "resume": False, "keep_last": False}
+        cass.pretrain({**common, "out": f"{tmp}/cass"})
+        dino.pretrain({**{k: v for k, v in common.items() if k not in dino.CASS_ONLY}, "out": f"{tmp}/dino",
+                       "arms": ["cnn", "vit"], "recipe": "vit-pytorch"})
+        logs = [json.loads(line) for run in ("cass", "dino") for line in open(f"{tmp}/{run}/log.jsonl")]
+    seconds = {r.get("arm", "cass"): r["seconds"] for r in logs if r["epoch"] == 1}
+    return seconds["cass"], seconds["cnn"], seconds["vit"]
 
 
 def matmul_peak(rt):
@@ -187,6 +225,18 @@ def bench(cfg):
         r["max_batch_size"] = largest_batch(cfg, rt)
         print(f"largest batch that fits: {r['max_batch_size']} "
               f"({torch.cuda.get_device_properties(rt.device).total_memory / 2**30:.0f} GiB GPU)")
+    if cfg["dino"]:
+        cnn_s, vit_s = dino_step_seconds(cfg, rt, "cnn"), dino_step_seconds(cfg, rt, "vit")
+        r.update(dino_cnn_seconds_per_step=cnn_s, dino_vit_seconds_per_step=vit_s,
+                 cass_over_dino_step=fast_s / (cnn_s + vit_s))
+        print(f"DINO step (vit_pytorch.Dino, same encoders, batch and precision): CNN {cnn_s:.3f} s, ViT {vit_s:.3f} s;"
+              f" CASS / (DINO CNN + DINO ViT) = {fast_s:.3f} / {cnn_s + vit_s:.3f} = {r['cass_over_dino_step']:.2f} "
+              "(the paper: 0.27 to 0.31)")
+        cass_e, cnn_e, vit_e = epoch_seconds(cfg)
+        r.update(cass_epoch_seconds=cass_e, dino_cnn_epoch_seconds=cnn_e, dino_vit_epoch_seconds=vit_e,
+                 cass_over_dino_epoch=cass_e / (cnn_e + vit_e))
+        print(f"one epoch of {cfg['data']} with data loading: CASS {cass_e:.1f} s, DINO CNN {cnn_e:.1f} s + ViT "
+              f"{vit_e:.1f} s; ratio {r['cass_over_dino_epoch']:.2f}")
     if cfg["root"] or cfg["data"] == "digits":
         r["data_images_per_s"] = data_images_per_s(cfg, rt)
         r["bottleneck"] = "data" if r["data_images_per_s"] < r["images_per_s"] else "step"
@@ -198,7 +248,7 @@ def bench(cfg):
 
 def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
-    extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch")}
+    extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino")}
     try:
         given = {k: v for k, v in args.items() if v is not None and v is not False}
         bench({**cass.resolve("pretrain", given), **extra})

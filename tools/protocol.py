@@ -1,12 +1,15 @@
-"""The paper's label-efficiency protocol (paper 5, Table 1): one CASS pretraining run, then every arm,
-initialisation, mode, label fraction and seed fine-tuned and tested; a table of the test headline metric.
+"""The paper's label-efficiency protocol (paper 5, Table 1): one CASS pretraining run and one DINO run (both arms,
+tools/dino.py: the paper's comparator), then every arm, initialisation, mode, label fraction and seed
+fine-tuned and tested; a table of the test headline metric.
 
     python tools/protocol.py --data brain_mri --root DIR --preset tiny --seeds 3 --out runs/brain_mri
 
 Resumable: rerunning the command continues an interrupted pretraining run and skips finished cells. Cells
 are claimed by lock files, so several processes given the same --out share one grid (one per GPU or core).
-Writes table.md and table.json in --out. Calls cass.pretrain and cass.finetune in this process, which keeps
-the decoded images of --cache-images for all runs.
+Writes table.md and table.json in --out. Calls cass.pretrain, dino.pretrain and cass.finetune in this process,
+which keeps the decoded images of --cache-images for all runs. A pretraining runs only while a cell of its
+initialisation is left to run, and the DINO run uses the CASS run's splits (and the cells use those of the
+first), so every row sees the same images.
 """
 import argparse
 import json
@@ -17,13 +20,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cass  # noqa: E402
+import dino  # noqa: E402  (imports vit_pytorch only when a DINO run starts)
 
 GRID_FLAGS = {  # flag: (default, help, argparse options)
     "arms": (["cnn", "vit"], "encoders to fine-tune", dict(nargs="+", choices=["cnn", "vit"])),
-    "inits": (["cass", "random", "random-bn", "imagenet"], "initialisations: cass (the pretraining run), random, "
-              "random-bn (CNN, linear mode: the BatchNorm control) and imagenet (where the weights load)",
-              dict(nargs="+", choices=["cass", "random", "random-bn", "imagenet"])),
+    "inits": (["cass", "dino", "random", "random-bn", "imagenet"], "initialisations: cass (the pretraining run), dino "
+              "(tools/dino.py, both arms), random, random-bn (CNN, linear mode: the BatchNorm control) and imagenet "
+              "(where the weights load)", dict(nargs="+", choices=["cass", "dino", "random", "random-bn", "imagenet"])),
     "modes": (["full", "linear"], "fine-tuning modes", dict(nargs="+", choices=["full", "linear"])),
     "modes_full": (None, "modes with 100%% of the labels (default: --modes)",
                    dict(nargs="+", choices=["full", "linear"])),
@@ -36,7 +41,8 @@ GRID_FLAGS = {  # flag: (default, help, argparse options)
                          dict(type=int)),
 }
 PRETRAIN_ONLY = ("out_dim", "pretrained", "objective", "vc_weight", "epochs", "lr", "sched_unit", "swa_start",
-                 "compile", "sync_bn")
+                 "compile", "sync_bn", "recipe")
+PRETRAINED = ("cass", "dino")  # the initialisations that are a pretraining run of the grid, in --out/<init>
 
 
 def build_parser():
@@ -45,6 +51,8 @@ def build_parser():
         if "p" in cmds and key not in ("resume", "keep_last"):
             p.add_argument("--" + key.replace("_", "-"), default=None, help=f"as for cass.py pretrain: {text}",
                            **options)
+    default, text, options = dino.DINO_FLAGS["recipe"]
+    p.add_argument("--recipe", default=None, help=f"the DINO runs: {text} (default: {default})", **options)
     for key, (default, text, options) in GRID_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), default=default, help=f"{text} (default: {default})", **options)
     return p
@@ -63,6 +71,10 @@ def cells(grid, imagenet_ok):
                         continue  # full fine-tuning re-estimates BatchNorm statistics from its first step
                     for seed in range(grid["seeds_full"] if full and grid["seeds_full"] else grid["seeds"]):
                         yield dict(arm=arm, init=init, mode=mode, fraction=fraction, seed=seed)
+
+
+def cell_folder(out, c):
+    return out / "cells" / f"{c['arm']}-{c['init']}-{c['mode']}-{c['fraction']:g}-seed{c['seed']}"
 
 
 def table(finished, headline):
@@ -99,27 +111,41 @@ def run(given, grid):
     out.mkdir(parents=True, exist_ok=True)
     store, times = {}, {}  # store: the decoded images of --cache-images, shared by every run of this process
 
-    # -- one CASS pretraining run (resumed if it was interrupted) --------------------------------
-    pre = out / "pretrain"
-    if not (pre / "cnn.pt").exists():
-        t0 = time.perf_counter()
-        cass.pretrain(cass.resolve("pretrain", {**given, "out": str(pre), "resume": (pre / "last.pt").exists()}), store)
-        wall = json.load(open(pre / "wall.json"))["seconds"] if (pre / "wall.json").exists() else 0.0
-        cass.write_json(dict(seconds=wall + time.perf_counter() - t0), pre / "wall.json")
-    wall = pre / "wall.json"
-    times["pretrain_minutes"] = json.load(open(wall))["seconds"] / 60 if wall.exists() else 0.0
-
-    # -- the grid of fine-tuning runs; finished cells are not run again ----------------------------
+    # -- the pretraining runs (resumed if interrupted), where a cell of theirs is left to run --------
     ok, why = imagenet_available(given) if "imagenet" in grid["inits"] else (False, "")
     if "imagenet" in grid["inits"] and not ok:
         print(f"skipping the imagenet cells: {why}")
+    todo = list(cells(grid, ok))
+    runs = {init: out / ("pretrain" if init == "cass" else init) for init in PRETRAINED}  # cass: its old name
+    splits = next((str(p / "splits") for p in runs.values() if (p / "splits" / "train.csv").is_file()), None)
+    for init, pre in runs.items():  # the first run's splits serve the second run and every cell
+        if all((cell_folder(out, c) / "metrics.json").exists() for c in todo if c["init"] == init):
+            continue  # none of its cells is left (or none asked for): no pretraining needed
+        if not all((pre / f"{arm}.pt").exists() for arm in ("cnn", "vit")):
+            t0 = time.perf_counter()
+            args = {**given, "out": str(pre), "resume": (pre / "last.pt").exists(), **({"splits": splits} if splits
+                                                                                      else {})}
+            if init == "cass":
+                cass.pretrain(cass.resolve("pretrain", {k: v for k, v in args.items() if k != "recipe"}), store)
+            else:
+                dino.pretrain(dino.resolve({k: v for k, v in args.items() if k not in dino.CASS_ONLY}), store)
+            wall = json.load(open(pre / "wall.json"))["seconds"] if (pre / "wall.json").exists() else 0.0
+            cass.write_json(dict(seconds=wall + time.perf_counter() - t0), pre / "wall.json")
+        splits = splits or str(pre / "splits")
+    for init, pre in runs.items():
+        wall = pre / "wall.json"
+        times[f"{'' if init == 'cass' else init + '_'}pretrain_minutes"] = \
+            json.load(open(wall))["seconds"] / 60 if wall.exists() else 0.0
+
+    # -- the grid of fine-tuning runs; finished cells are not run again ----------------------------
     shared = {k: v for k, v in given.items() if k not in PRETRAIN_ONLY}
-    shared["splits"] = str(pre / "splits")  # every cell uses the pretraining run's splits
-    todo, finished, elsewhere = list(cells(grid, ok)), [], []
+    if splits:
+        shared["splits"] = splits  # every cell uses the pretraining runs' splits
+    finished, elsewhere = [], []
     (out / "cells").mkdir(exist_ok=True)
     for i, c in enumerate(todo):
-        name = f"{c['arm']}-{c['init']}-{c['mode']}-{c['fraction']:g}-seed{c['seed']}"
-        cell = out / "cells" / name
+        cell = cell_folder(out, c)
+        name = cell.name
         if not (cell / "metrics.json").exists():
             lock = cass.claim(out / "cells" / f"{name}.lock")
             if lock is None:  # another process sharing this grid runs it now
@@ -130,7 +156,7 @@ def run(given, grid):
             epochs = grid["ft_epochs_full"] if full else grid["ft_epochs_grid"]
             epochs = grid["ft_epochs_linear"] if c["mode"] == "linear" else epochs
             (cell / "best.pt").unlink(missing_ok=True)  # of a run killed between best.pt and metrics.json
-            cfg = cass.resolve("finetune", {**shared, "init": str(pre) if c["init"] == "cass" else c["init"],
+            cfg = cass.resolve("finetune", {**shared, "init": str(runs[c["init"]]) if c["init"] in runs else c["init"],
                                             "arm": c["arm"], "mode": c["mode"], "label_fraction": c["fraction"],
                                             "seed": c["seed"], "out": str(cell), "resume": (cell / "last.pt").exists(),
                                             **({"epochs": epochs} if epochs else {})})
@@ -148,11 +174,12 @@ def run(given, grid):
     if elsewhere:
         print(f"{len(elsewhere)} cell(s) run in another process sharing {out} (first: {elsewhere[0]}); the table "
               "leaves them out: rerun this command when they finish for the whole table")
-    headline = cass.HEADLINE.get(json.load(open(pre / "args.json"))["data"], "f1_macro")
+    headline = cass.HEADLINE.get(given.get("data", "digits"), "f1_macro")
     rows, markdown = table(finished, headline)
     times["finetune_minutes"] = sum(c["seconds"] for c in finished) / 60
-    markdown += (f"\npretraining {times['pretrain_minutes']:.1f} min; {len(finished)} fine-tuning runs "
-                 f"{times['finetune_minutes']:.1f} min; total {sum(times.values()):.1f} min\n")
+    markdown += (f"\npretraining: CASS {times['pretrain_minutes']:.1f} min, DINO {times['dino_pretrain_minutes']:.1f} min; "
+                 f"{len(finished)} fine-tuning runs {times['finetune_minutes']:.1f} min; total "
+                 f"{sum(times.values()):.1f} min\n")
     cass.write_json(dict(headline=headline, rows=rows, cells=finished, config=dict(given, out=str(out), **grid),
                          **times), out / "table.json")
     cass.atomic_write(out / "table.md", markdown.encode())

@@ -817,9 +817,9 @@ def finetune(cfg, store=None):
         raise UserError(f"--label-fraction {cfg['label_fraction']} is not 1.0, 0.1 or 0.01 (the split files train.csv, "
                         "train_10pct.csv and train_1pct.csv)")
     split_name = LABEL_FRACTIONS[cfg["label_fraction"]]
-    init = cfg["init"] if cfg["init"] in ("random", "random-bn", "imagenet") else "cass"
-    out = Path(cfg["out"] or f"runs/finetune-{cfg['data']}-{cfg['arm'] or 'cnn'}-{init}-{cfg['label_fraction']:.0%}-"
-                             f"{cfg['mode']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    init = Path(cfg["init"]).name.removesuffix(".pt")  # random, ..., or the pretraining run's name
+    out = Path(cfg["out"] or f"runs/finetune-{cfg['data']}-{cfg['arm'] or 'cnn'}-{init}-"
+                             f"{cfg['label_fraction'] * 100:g}pct-{cfg['mode']}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_run_folder(out, cfg["resume"])
     torch.manual_seed(cfg["seed"])
 
@@ -927,16 +927,23 @@ def clone(model):
 # ==== Evaluation, prediction, and a fine-tuned model in Python ===================================================
 
 def load_finetuned(path, what="--ckpt"):
+    """A fine-tuned checkpoint, from its best.pt or its run folder: (the file's path, its contents)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise UserError(f"{what} {path} is a folder without best.pt: give a fine-tuned best.pt or the folder of a "
+                            "finished `cass.py finetune` run")
+        path = path / "best.pt"
     obj = load_checkpoint(path, what)
     if not isinstance(obj, dict) or obj.get("format") != "cass-encoder" or "classes" not in obj:
         raise UserError(f"{what} {path} is not a fine-tuned checkpoint written by cass.py finetune (best.pt)")
-    return obj
+    return path, obj
 
 def load_model(path, device="cpu"):
-    """A fine-tuned best.pt as a timm model in eval mode, with its preprocessing: a function from a PIL image (any
-    mode) to the [1, 3, S, S] float tensor it was trained on (a plain resize to the run's image size, ImageNet
-    mean and std for both arms). Returns (model, preprocess, class names)."""
-    obj = load_finetuned(path, "checkpoint")
+    """A fine-tuned best.pt (or its run folder) as a timm model in eval mode, with its preprocessing: a function from
+    a PIL image (any mode) to the [1, 3, S, S] float tensor it was trained on (a plain resize to the run's image
+    size, ImageNet mean and std for both arms). Returns (model, preprocess, class names)."""
+    path, obj = load_finetuned(path, "checkpoint")
     model = load_encoder(obj, path).to(device).eval()
     return model, lambda img: normalize(image_tensor(img, obj["img_size"])[None]).to(device), obj["classes"]
 
@@ -953,7 +960,7 @@ def ensemble_probabilities(ckpts, table, keys, rt, workers):
 def evaluate(cfg):
     """Metrics of one fine-tuned checkpoint, or of the ensemble of several, on a split."""
     rt = make_runtime(cfg["device"], "auto")
-    ckpts = [(p, load_finetuned(p)) for p in cfg["ckpt"]]
+    ckpts = [load_finetuned(p) for p in cfg["ckpt"]]
     first = ckpts[0][1]["config"]
     data = cfg["data"] or first["data"]
     same = data == first["data"]  # the checkpoint's own dataset: its root and splits are the defaults
@@ -985,7 +992,7 @@ def predict(cfg):
     """Per-class probabilities and the predicted label of new images (a folder, searched recursively, or a CSV
     with an `image` column), preprocessed as in evaluation, written as a CSV."""
     rt = make_runtime(cfg["device"], "auto")
-    ckpts = [(p, load_finetuned(p)) for p in cfg["ckpt"]]
+    ckpts = [load_finetuned(p) for p in cfg["ckpt"]]
     classes, multilabel = ckpts[0][1]["classes"], ckpts[0][1]["multilabel"]
     if any(list(o["classes"]) != list(classes) for _, o in ckpts):
         raise UserError("the --ckpt files were made for different classes; an ensemble needs the same ones")
@@ -1422,31 +1429,41 @@ class Progress:
 # ==== Command line: every flag once, its default from the config above ===========================================
 
 PRESET = "the preset's"  # a flag whose default comes from PAPER / TINY
-FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s splits; default; help; argparse options)
-    "data": ("pfes", "digits", "dataset: digits (built in), brain_mri, isic2019, autoimmune, folder, csv, medmnist; "
-             "finetune and evaluate: the --init run's or checkpoint's", dict(choices=list(DATASETS))),
-    "root": ("pfes", None, "the dataset's folder (the .csv for csv, the .npz for medmnist)", {}),
-    "splits": ("pfe", None, "committed (data_splits/<data> beside cass.py, where it exists), auto (stratified, from "
-               "the images on disk) or a folder of split files; finetune and evaluate: the run's own", {}),
-    "preset": ("pf", "paper", "paper: the paper's settings; tiny: small encoders at 64 px, random init, for a CPU "
-               "(finetune: the --init run's). A flag overrides its preset", dict(choices=["paper", "tiny"])),
+DATA = "dataset: digits (built in), brain_mri, isic2019, autoimmune, folder, csv, medmnist"
+SPLITS = ("committed (data_splits/<data> beside cass.py), auto (stratified, from the images on disk) or a folder of "
+          "split files (default: committed where data_splits/<data> exists, else auto")
+FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s splits; default; help, or per command
+    # {letter: help, "": the others'}; argparse options). A help that states its default is shown as it is.
+    "data": ("pfes", "digits", {"": DATA, "f": DATA + " (default: the --init run's)", "e": DATA + " (default: the "
+             "checkpoint's)"}, dict(choices=list(DATASETS))),
+    "root": ("pfes", None, {"": "the dataset's folder (the .csv for csv, the .npz for medmnist)", "f": "the dataset's "
+             "folder (default: the --init run's)", "e": "the dataset's folder (default: the checkpoint's)"}, {}),
+    "splits": ("pfe", None, {"": SPLITS + ")", "f": SPLITS + "; with a run folder as --init: its own)", "e": SPLITS +
+               "; for the checkpoint's own dataset: its run's)"}, {}),
+    "preset": ("pf", "paper", {"": "paper: the paper's settings (resnet50 + ViT-B/16 at 384 px from ImageNet "
+               "weights: a GPU and the Hugging Face hub); tiny: small encoders at 64 px from random weights, for a "
+               "CPU. A flag overrides its preset", "f": "paper or tiny, as for pretrain (default: the --init run's, "
+               "else paper)"}, dict(choices=["paper", "tiny"])),
     "cnn": ("pf", PRESET, "timm CNN", {}),
     "vit": ("pf", PRESET, "timm ViT", {}),
-    "patch_size": ("pf", PRESET, "ViT patch size (None: the model's own)", dict(type=int)),
-    "img_size": ("pf", PRESET, "image side in pixels (finetune: the --init run's)", dict(type=int)),
+    "patch_size": ("pf", PRESET, "ViT patch size (paper: the model's own, 16)", dict(type=int)),
+    "img_size": ("pf", PRESET, {"": "image side in pixels", "f": "image side in pixels (default: the --init run's, "
+                 "else the preset's)"}, dict(type=int)),
     "out_dim": ("p", PRESET, "width of both heads, the outputs the loss compares", dict(type=int)),
     "pretrained": ("p", PRESET, "start from ImageNet weights (from the Hugging Face hub, downloaded on first use)",
                    dict(action=argparse.BooleanOptionalAction)),
-    "cnn_weights": ("pf", None, "ImageNet weights of the CNN from this file instead of the hub (any state_dict of the "
-                    "architecture, or a cnn.pt); finetune: for --init imagenet", {}),
-    "vit_weights": ("pf", None, "the same for the ViT", {}),
+    "cnn_weights": ("pf", None, {"": "ImageNet weights of the CNN from this file instead of the hub (any state_dict "
+                    "of the architecture, or a cnn.pt) (default: none)", "f": "with --init imagenet: the CNN's "
+                    "weights from this file instead of the hub (default: none)"}, {}),
+    "vit_weights": ("pf", None, "the same for the ViT (default: none)", {}),
     "objective": ("p", "cass", "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()), dict(choices=list(OBJECTIVES))),
     "vc_weight": ("p", 4.0, "cass-vc: weight of the variance terms against eq. 1 (the covariance terms weigh 0.04); "
                   "4 kept both arms' outputs spread in the README's runs, 1 (VICReg's ratio) just under half of "
                   "healthy", dict(type=float)),
     "init": ("f", None, "a pretraining run folder (with --arm), its cnn.pt or vit.pt, imagenet, random, or random-bn "
-             "(random with BatchNorm statistics re-estimated on the training images: the control)", {}),
-    "arm": ("f", None, "cnn or vit: the encoder to fine-tune (needed with a run folder; baselines: cnn)",
+             "(random with BatchNorm statistics re-estimated on the training images: the control)",
+             dict(required=True)),
+    "arm": ("f", None, "cnn or vit: the encoder to fine-tune (needed with a run folder; default for baselines: cnn)",
             dict(choices=["cnn", "vit"])),
     "label_fraction": ("f", 1.0, "share of the training labels: 1.0, 0.1 or 0.01 (paper 5)", dict(type=float)),
     "mode": ("f", "full", "full: train everything (paper B.2); linear: a head on the frozen encoder's standardised "
@@ -1454,12 +1471,14 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "class_weights": ("f", "inverse", "focal-loss class weights: inverse frequency, paper (the notebooks' min-max "
                       "normalised counts: the majority weighs most) or none",
                       dict(choices=["inverse", "paper", "none"])),
-    "epochs": ("pf", PRESET, "epochs (fine-tuning: at most, with early stopping)", dict(type=int)),
-    "batch_size": ("pf", PRESET, "global batch, split over torchrun's processes", dict(type=int)),
+    "epochs": ("pf", PRESET, {"": "epochs", "f": "epochs at most (early stopping on the validation loss)"},
+               dict(type=int)),
+    "batch_size": ("pf", PRESET, {"": "global batch, split over torchrun's processes", "f": "batch size"},
+                   dict(type=int)),
     "lr": ("pf", PRESET, "Adam learning rate", dict(type=float)),
     "sched_unit": ("p", "epoch", "the cosine schedule moves once per epoch, or per step as the notebooks do",
                    dict(choices=["epoch", "step"])),
-    "swa_start": ("p", None, "first epoch (from 0) that SWA averages (None: the last quarter of --epochs)",
+    "swa_start": ("p", None, "first epoch (from 0) that SWA averages (default: the last quarter of --epochs)",
                   dict(type=int)),
     "seed": ("pf", 0, "fixes initialisation, data order and augmentation (the splits have their own seed, 0)",
              dict(type=int)),
@@ -1473,19 +1492,20 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
                 dict(action="store_true")),
     "cache_images": ("pf", False, "decode and resize every image once and keep them in memory",
                      dict(action="store_true")),
-    "out": ("pfexs", None, "the run folder (default: a new one under runs/); evaluate: a JSON file; predict: a CSV "
-            "file (predictions.csv); splits: a folder (data_splits/<data>)", {}),
+    "out": ("pfexs", None, {"": "the run folder (default: a new one under runs/)", "e": "a JSON file for the metrics "
+            "(default: none, printed only)", "x": "the CSV to write (default: predictions.csv)", "s": "the folder to "
+            "write (default: data_splits/<data> beside cass.py)"}, {}),
     "resume": ("pf", False, "continue the run in --out from its last.pt (its own settings; --epochs, --device, "
                "--workers may change)", dict(action="store_true")),
     "keep_last": ("pf", False, "keep last.pt when the run ends, to --resume it later with more --epochs",
                   dict(action="store_true")),
-    "ckpt": ("ex", None, "a fine-tuned best.pt; repeat it for an ensemble (the mean probability)",
+    "ckpt": ("ex", None, "a fine-tuned best.pt or its run folder; repeat it for an ensemble (the mean probability)",
              dict(action="append", required=True)),
     "split": ("e", "test", "the split to evaluate", dict(choices=["test", "val"])),
     "images": ("x", None, "a folder of images (searched recursively) or a CSV with an 'image' column",
                dict(required=True)),
-    "listing": ("s", None, "brain_mri: a list of Training/... and Testing/... paths; isic2019: the ground-truth CSV "
-                "(so that the split files cover the whole public dataset)", {}),
+    "listing": ("s", None, "brain_mri: a list of Training/... and Testing/... paths; isic2019: the ground-truth CSV, "
+                "so that the split files cover the whole public dataset (default: the images under --root)", {}),
 }
 COMMANDS = dict(pretrain=("p", pretrain, "CASS pretraining of a CNN and a ViT together, without labels"),
                 finetune=("f", finetune, "fine-tune one arm on a fraction of the labels (or a baseline)"),
@@ -1552,21 +1572,34 @@ def preset_default(key, command):
     key = "ft_" + key if command == "finetune" and key in ("epochs", "batch_size", "lr") else key
     return f"paper: {PAPER[key]}; tiny: {TINY.get(key, PAPER[key])}"
 
+def flag_help(key, command):
+    """A flag's help for one command, ending with its default (unless required, or stated in the text)."""
+    cmds, default, text, options = FLAGS[key]
+    text = text.get(COMMANDS[command][0], text[""]) if isinstance(text, dict) else text
+    default = preset_default(key, command) if default == PRESET else "none" if default is None else default
+    return text if options.get("required") or "(default: " in text else f"{text} (default: {default})"
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="cass.py", description=__doc__.split("\n\n")[0])
+    examples = "\n".join(line for line in __doc__.splitlines() if line.startswith("    python"))
+    parser = argparse.ArgumentParser(prog="cass.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"examples:\n{examples}\n\nThe default --preset paper wants a GPU and "
+                                     "the ImageNet weights (from the Hugging Face hub); --preset tiny runs on a CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (letter, _, text) in COMMANDS.items():
         p = sub.add_parser(command, help=text, description=text)
         for key, (cmds, default, help_text, options) in FLAGS.items():
             if letter in cmds:
-                default = preset_default(key, command) if default == PRESET else default
-                show = "" if options.get("required") else f" (default: {default})"
-                p.add_argument("--" + key.replace("_", "-"), default=None, help=help_text + show, **options)
+                p.add_argument("--" + key.replace("_", "-"), default=None, help=flag_help(key, command), **options)
     return parser
+
+def given_flags(args):
+    """The flags a user gave (argparse's default is None for every flag: False is a given --no-...)."""
+    return {k: v for k, v in vars(args).items() if v is not None and k != "command"}
 
 def main(argv=None):
     args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)
-    given = {k: v for k, v in vars(args).items() if v is not None and v is not False and k != "command"}
+    given = given_flags(args)
     old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
     try:
         cfg = resolve(args.command, given)
@@ -1577,7 +1610,7 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the training loops
-        print("error: interrupted; finished epochs are kept in last.pt: rerun the same command with --resume",
+        print("error: interrupted; a run folder that holds a last.pt continues with the same command plus --resume",
               file=sys.stderr)
         return 130
     finally:

@@ -4,6 +4,7 @@ Fixtures are tiny images written into tmp_path; runs use small encoders at 32 px
 Tests on the real images in ../shared/data skip when that folder is absent. The tools have
 their own tests (test_tools.py).
 """
+import argparse
 import csv
 import json
 import math
@@ -253,6 +254,21 @@ def test_spectrum_tells_dimensional_collapse_from_a_spread_representation():
     assert pc1 < 0.1 and rank > 40
     pc1, rank = cass.spectrum(torch.randn(500, 1) * torch.randn(1, 64) + 0.01 * torch.randn(500, 64) + 3)
     assert pc1 > 0.9 and rank < 2
+
+
+def test_collapse_is_judged_on_the_validation_monitor_too():
+    r = dict(std_cnn=0.05, std_vit=0.05, cos_cnn_vit=0.3, val_std_cnn=0.05, val_std_vit=0.0017, val_cos=0.4)
+    assert "the vit outputs spread below" in cass.collapse_warning(r, 256)
+    assert "cosine above 0.99" in cass.collapse_warning({**r, "val_std_vit": 0.05, "val_cos": 0.995}, 256)
+    assert cass.collapse_warning({**r, "val_std_vit": 0.05}, 256) == ""
+    assert "the cnn outputs" in cass.collapse_warning(dict(std_cnn=0.001), 256)  # one arm (tools/dino.py)
+
+
+def test_an_interrupted_run_points_to_resume_only_when_last_pt_holds_finished_epochs(tmp_path):
+    assert "--resume" not in str(cass.interrupted(tmp_path, 0)) and "no epoch had finished" in str(
+        cass.interrupted(tmp_path, 0))
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert "continue with the same command plus --resume" in str(cass.interrupted(tmp_path, 3))
 
 
 def test_collapse_is_said_on_the_epoch_line():
@@ -535,6 +551,36 @@ def test_every_flag_of_every_command_has_help_and_shows_its_default():
 
 
 @pytest.mark.skipif(not (SHARED / "brain_mri_224").is_dir(), reason="../shared/data is absent")
+def test_a_given_boolean_flag_overrides_either_preset_in_both_directions():
+    parser = cass.build_parser()
+    for key, (cmds, default, text, options) in cass.FLAGS.items():
+        action = options.get("action")
+        if action not in ("store_true", argparse.BooleanOptionalAction):
+            continue
+        flag = "--" + key.replace("_", "-")
+        for command in (c for c, (letter, _, _) in cass.COMMANDS.items() if letter in cmds and c in ("pretrain",)):
+            for preset in ("paper", "tiny"):
+                cases = [([flag], True)] + ([([flag.replace("--", "--no-")], False)] if action != "store_true" else [])
+                for extra, expected in cases:
+                    args = [command, "--preset", preset, *extra] + (["--out", "x"] if key == "resume" else [])
+                    given = cass.given_flags(parser.parse_args(args))
+                    assert given[key] is expected, (command, preset, extra)
+                    if key != "resume":  # resume reads the run's own args.json
+                        assert cass.resolve(command, given)[key] is expected, (command, preset, extra)
+
+
+def test_help_shows_the_first_commands_and_each_command_only_its_own_text():
+    import argparse
+
+    parser = cass.build_parser()
+    top = parser.format_help()
+    assert "examples:" in top and "pretrain --data digits --preset tiny" in top and "wants a GPU" in top
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    pretrain, finetune = (" ".join(commands[c].format_help().split()) for c in ("pretrain", "finetune"))
+    assert "default: None" not in pretrain + finetune and "evaluate" not in pretrain
+    assert "torchrun" not in finetune and "--init INIT" in finetune and "(default: the --init run's)" in finetune
+
+
 def test_committed_brain_mri_splits_name_the_missing_files_on_the_partial_copy(tmp_path):
     code, out = run([*PRETRAIN, "--data", "brain_mri", "--root", str(SHARED / "brain_mri_224"), "--epochs", "1",
                      "--out", str(tmp_path / "r")])
@@ -688,10 +734,12 @@ def test_evaluate_reproduces_finetune_and_an_ensemble_of_two_runs(tmp_path):
     for key in ("accuracy", "f1_macro", "balanced_accuracy", "confusion_matrix"):
         assert again[key] == written[key]
     assert again["roc_auc_ovr"] == pytest.approx(written["roc_auc_ovr"], abs=1e-6)
-    assert cass.main(["evaluate", "--ckpt", str(tmp_path / "c" / "best.pt"), "--ckpt", str(tmp_path / "v" / "best.pt"),
-                      "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "ens.json")]) == 0
+    assert cass.main(["evaluate", "--ckpt", str(tmp_path / "c" / "best.pt"), "--ckpt", str(tmp_path / "v"),
+                      "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "ens.json")]) == 0  # a run folder
     ens = json.load(open(tmp_path / "ens.json"))
-    assert len(ens["ckpts"]) == 2 and 0 <= ens["f1_macro"] <= 1
+    assert len(ens["ckpts"]) == 2 and 0 <= ens["f1_macro"] <= 1 and ens["ckpts"][1] == str(tmp_path / "v" / "best.pt")
+    code, out = run(["evaluate", "--ckpt", str(root), "--device", "cpu"])
+    assert code == 2 and "is a folder without best.pt" in out and "Traceback" not in out
 
 
 def test_multilabel_fine_tune_on_tiff_tiles(tmp_path):

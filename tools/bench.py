@@ -40,7 +40,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for key in BENCH_FLAGS:
         cmds, default, text, options = cass.FLAGS[key]
-        p.add_argument("--" + key.replace("_", "-"), default=None, help=f"as for cass.py pretrain: {text}", **options)
+        p.add_argument("--" + key.replace("_", "-"), default=None,
+                       help=f"as for cass.py pretrain: {cass.flag_help(key, 'pretrain')}", **options)
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported) (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to fit larger batches")
@@ -250,7 +251,7 @@ def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
     extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino")}
     try:
-        given = {k: v for k, v in args.items() if v is not None and v is not False}
+        given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
         bench({**cass.resolve("pretrain", given), **extra})
     except cass.UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,7 +20,8 @@ and K = 65336 prototypes. `--recipe dino-paper` sets the two of these that the c
 The result is the student's backbone, written as cnn.pt and vit.pt in cass.py's encoder format with a head of
 the preset's width (as a CASS run has one), so `cass.py finetune --init RUN --arm cnn|vit`, evaluate, predict
 and load_model take a DINO run as they take a CASS run. Each epoch logs the collapse monitor of cass.py on the
-student (its pooled features, and the projection's 256-d normalised bottleneck as its outputs). Needs tools/requirements.txt.
+student (its pooled features, and the projection's 256-d normalised bottleneck as its outputs). Needs
+tools/requirements.txt.
 """
 import argparse
 import math
@@ -224,8 +225,7 @@ def build_parser():
                                 epilog="Flags not listed here are cass.py pretrain's, with its defaults.")
     for key, (cmds, default, text, options) in cass.FLAGS.items():
         if "p" in cmds and key not in CASS_ONLY:
-            shown = cass.preset_default(key, "pretrain") if default == cass.PRESET else default
-            p.add_argument("--" + key.replace("_", "-"), default=None, help=f"{text} (default: {shown})", **options)
+            p.add_argument("--" + key.replace("_", "-"), default=None, help=cass.flag_help(key, "pretrain"), **options)
     for key, (default, text, options) in DINO_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), default=None, help=f"{text} (default: {default})", **options)
     return p
@@ -233,7 +233,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)
-    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    given = cass.given_flags(args)
     old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
     try:
         pretrain(resolve(given))

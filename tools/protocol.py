@@ -49,8 +49,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for key, (cmds, default, text, options) in cass.FLAGS.items():
         if "p" in cmds and key not in ("resume", "keep_last"):
-            p.add_argument("--" + key.replace("_", "-"), default=None, help=f"as for cass.py pretrain: {text}",
-                           **options)
+            p.add_argument("--" + key.replace("_", "-"), default=None,
+                           help=f"as for cass.py pretrain: {cass.flag_help(key, 'pretrain')}", **options)
     default, text, options = dino.DINO_FLAGS["recipe"]
     p.add_argument("--recipe", default=None, help=f"the DINO runs: {text} (default: {default})", **options)
     for key, (default, text, options) in GRID_FLAGS.items():
@@ -177,8 +177,8 @@ def run(given, grid):
     headline = cass.HEADLINE.get(given.get("data", "digits"), "f1_macro")
     rows, markdown = table(finished, headline)
     times["finetune_minutes"] = sum(c["seconds"] for c in finished) / 60
-    markdown += (f"\npretraining: CASS {times['pretrain_minutes']:.1f} min, DINO {times['dino_pretrain_minutes']:.1f} min; "
-                 f"{len(finished)} fine-tuning runs {times['finetune_minutes']:.1f} min; total "
+    markdown += (f"\npretraining: CASS {times['pretrain_minutes']:.1f} min, DINO {times['dino_pretrain_minutes']:.1f} "
+                 f"min; {len(finished)} fine-tuning runs {times['finetune_minutes']:.1f} min; total "
                  f"{sum(times.values()):.1f} min\n")
     cass.write_json(dict(headline=headline, rows=rows, cells=finished, config=dict(given, out=str(out), **grid),
                          **times), out / "table.json")
@@ -190,7 +190,7 @@ def run(given, grid):
 def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
     grid = {k: args.pop(k) for k in GRID_FLAGS}
-    given = {k: v for k, v in args.items() if v is not None and v is not False}
+    given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
     try:
         run(given, grid)
     except cass.UserError as e:

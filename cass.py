@@ -318,30 +318,34 @@ def encoder_kwargs(name, img_size, patch_size=None):
 
 def create_encoder(name, num_classes, kwargs, weights=None):
     """A timm model with a `num_classes`-wide head. weights: None (random), "imagenet" (the Hugging Face hub,
-    through timm) or a file: a cnn.pt / vit.pt of this program, or any state_dict of the architecture."""
+    through timm), a file (a cnn.pt / vit.pt of this program, or any state_dict of the architecture) or a folder
+    in timm's own layout, config.json and model.safetensors (tools/export.py writes one; so does the hub)."""
     import timm
 
     try:
         if weights in (None, "imagenet"):
             with _hub_offline_unless_reachable() if weights else contextlib.nullcontext():
                 return timm.create_model(name, pretrained=weights == "imagenet", num_classes=num_classes, **kwargs)
-        obj = load_checkpoint(weights, "the weight file")
+        folder = Path(weights).is_dir()
+        obj = json.load(open(Path(weights) / "config.json")) if folder else load_checkpoint(weights, "the weight file")
+        found = obj.get("architecture" if folder else "model") if isinstance(obj, dict) else name
+        if found != name and (folder or obj.get("format") == "cass-encoder"):
+            raise UserError(f"the weights {weights} holds a {found}, not the {name} asked for; pass "
+                            f"--{'vit' if is_vit(name) else 'cnn'} {found}")
+        if folder:  # timm reads it (and drops a head of another width)
+            return timm.create_model(f"local-dir:{weights}", pretrained=True, num_classes=num_classes, **kwargs)
         if isinstance(obj, dict) and obj.get("format") == "cass-encoder":
-            if obj["model"] != name:
-                raise UserError(f"the weight file {weights} holds a {obj['model']}, not the {name} asked for; pass "
-                                f"--{'vit' if is_vit(name) else 'cnn'} {obj['model']}")
             return load_encoder(obj, weights, num_classes)
         return timm.create_model(name, pretrained=True, num_classes=num_classes,  # drops a head of another width
                                  pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
     except UserError:
         raise
-    except RuntimeError as e:
-        if weights in (None, "imagenet"):
-            raise
-        raise UserError(f"the weight file {weights} does not fit {name} ({str(e).splitlines()[0][:200]})") from None
     except Exception as e:
-        if weights is None:
+        if weights is None or (weights == "imagenet" and isinstance(e, RuntimeError)):
             raise
+        if weights != "imagenet":
+            raise UserError(f"the weights {weights} do not fit {name} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else 'unreadable'})") from None
         raise UserError(f"cannot load ImageNet weights for {name} ({type(e).__name__}: no network and no cached copy); "
                         "use --preset tiny or --no-pretrained (finetune: --init random) for random initialisation, or "
                         "--cnn-weights FILE / --vit-weights FILE for weights on disk") from None

@@ -15,6 +15,7 @@ sys.path.insert(0, str(HERE / "tools"))
 import bench  # noqa: E402
 import cass  # noqa: E402
 import dino  # noqa: E402
+import export  # noqa: E402
 import protocol  # noqa: E402
 
 
@@ -236,3 +237,60 @@ def test_bench_dino_gives_the_cass_over_dino_ratio_of_steps_and_of_real_epochs(t
     assert r["cass_over_dino_epoch"] == pytest.approx(
         r["cass_epoch_seconds"] / (r["dino_cnn_epoch_seconds"] + r["dino_vit_epoch_seconds"]))
     assert "CASS / (DINO CNN + DINO ViT)" in out
+
+
+# ------------------------------------------------------------------------------------------
+# tools/export.py: encoders in timm's own format
+# ------------------------------------------------------------------------------------------
+
+
+def test_an_exported_model_loads_in_one_line_of_timm_with_the_same_outputs_and_serves_as_weights(tmp_path, capsys):
+    import timm
+    from PIL import Image
+
+    root = write_folder(tmp_path / "d", n=8)
+    ft = tmp_path / "ft"
+    assert cass.main(["finetune", *TINY, "--data", "folder", "--root", root, "--splits", "auto", "--init", "random",
+                      "--arm", "cnn", "--mode", "linear", "--epochs", "1", "--out", ft]) == 0
+    assert export.main([ft, "--out", tmp_path / "e"]) == 0  # the run folder: its best.pt
+    model, preprocess, classes = cass.load_model(ft)
+    timm_model = timm.create_model(f"local-dir:{tmp_path / 'e'}", pretrained=True).eval()
+    with torch.no_grad():
+        x = preprocess(Image.open(next((root / "a").iterdir())))
+        assert torch.equal(timm_model(x), model(x))
+    config = json.load(open(tmp_path / "e" / "config.json"))
+    assert config["architecture"] == "resnet18" and config["label_names"] == classes == ["a", "b", "c"]
+    data = timm.data.resolve_data_config({}, model=timm_model)
+    assert data["input_size"] == (3, 32, 32) and tuple(data["mean"]) == cass.IMAGENET_MEAN and data["crop_pct"] == 1
+    backbone = timm.create_model(f"local-dir:{tmp_path / 'e'}", pretrained=True, num_classes=0).eval()
+    assert backbone(x).shape == (1, 512)
+    # the round trip: the folder as the ImageNet weights of a fine-tuning run (linear: the encoder stays as given)
+    assert cass.main(["finetune", *TINY, "--data", "folder", "--root", root, "--splits", "auto", "--init",
+                      "imagenet", "--cnn-weights", tmp_path / "e", "--mode", "linear", "--epochs", "1", "--out",
+                      tmp_path / "rt"]) == 0
+    again = torch.load(tmp_path / "rt" / "best.pt", weights_only=True)["state_dict"]
+    assert torch.equal(again["conv1.weight"], model.state_dict()["conv1.weight"])
+    capsys.readouterr()
+    assert cass.main(["finetune", *TINY, "--data", "folder", "--root", root, "--init", "imagenet", "--arm", "vit",
+                      "--vit-weights", tmp_path / "e", "--out", tmp_path / "x"]) == 2
+    assert "holds a resnet18, not the vit_tiny_patch16_224" in capsys.readouterr().err
+
+
+def test_export_refuses_what_it_cannot_export_in_one_sentence_and_leaves_nothing_behind(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    torch.save({"format": "cass-run", "epoch": 1}, tmp_path / "last.pt")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    for args, said in (([tmp_path / "empty"], "is not a finished run"), ([tmp_path / "missing"], "does not exist"),
+                       ([tmp_path / "notes.pt"], "is not a file written by cass.py"),
+                       ([tmp_path / "last.pt"], "is not an encoder file written by cass.py"),
+                       ([tmp_path / "notes.pt", "--arm", "cnn"], "is not a file written by cass.py")):
+        capsys.readouterr()
+        assert export.main([*args, "--out", tmp_path / "out"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+    assert export.main([tmp_path / "notes.pt", "--out", tmp_path / "taken"]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"

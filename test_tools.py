@@ -16,6 +16,7 @@ import bench  # noqa: E402
 import cass  # noqa: E402
 import dino  # noqa: E402
 import export  # noqa: E402
+import plot  # noqa: E402
 import protocol  # noqa: E402
 
 
@@ -294,3 +295,75 @@ def test_export_refuses_what_it_cannot_export_in_one_sentence_and_leaves_nothing
     assert export.main([tmp_path / "notes.pt", "--out", tmp_path / "taken"]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------
+# tools/plot.py: pictures of runs
+# ------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def pretrain_log(spread):
+    init = dict(epoch=0, phase="init", val_std_cnn=0.01, val_std_vit=0.02, rank_cnn=8.0, rank_vit=3.0, pc1_cnn=0.5,
+                pc1_vit=0.7, knn_cnn_feat=0.6, knn_cnn_out=0.6, knn_vit_feat=0.7, knn_vit_out=0.7, val_cos=0.0,
+                majority=0.3, knn_raw_pixels=0.63)
+    return [init] + [dict(init, phase=None, epoch=e, loss=1 / e, std_cnn=spread, std_vit=spread, cos_cnn_vit=0.5,
+                          val_std_cnn=spread, val_std_vit=spread, std_healthy=0.0625) for e in (1, 2, 3)]
+
+
+def is_png(path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.format == "PNG" and min(img.size) > 200
+
+
+def test_plot_draws_pretraining_finetuning_and_protocol_folders_and_shows_collapse_at_a_glance(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    write_jsonl(tmp_path / "healthy" / "log.jsonl", pretrain_log(0.05))
+    write_jsonl(tmp_path / "collapsed" / "log.jsonl", pretrain_log(0.0001))
+    assert "no collapse" in plot.figure_pretrain([tmp_path / "healthy"], ["healthy"])._suptitle.get_text()
+    title = plot.figure_pretrain([tmp_path / "collapsed"], ["collapsed"])._suptitle.get_text()
+    assert "COLLAPSE" in title and "from epoch 1" in title
+    assert plot.main([tmp_path / "collapsed"]) == 0 and is_png(tmp_path / "collapsed" / "monitor.png")
+    assert plot.main([tmp_path / "healthy", tmp_path / "collapsed", "--out", tmp_path / "both.png"]) == 0
+    assert is_png(tmp_path / "both.png")
+    write_jsonl(tmp_path / "ft" / "log.jsonl", [dict(epoch=e, train_loss=1 / e, val_loss=1.2 / e, val_f1_macro=e / 4,
+                                                      best_epoch=min(e, 2)) for e in (1, 2, 3)])
+    (tmp_path / "ft" / "metrics.json").write_text(json.dumps(dict(headline="f1_macro", test=dict(
+        f1_macro=0.5, confusion_matrix=[[3, 1], [2, 4]], per_class={"glioma": {}, "notumor": {}}))))
+    assert plot.main([tmp_path / "ft"]) == 0
+    assert is_png(tmp_path / "ft" / "curves.png") and is_png(tmp_path / "ft" / "confusion.png")
+    rows = [dict(arm=a, init=i, mode="linear", fraction=f, n=3, mean=m + f / 4, std=0.01)
+            for a in ("cnn", "vit") for i, m in (("cass", 0.5), ("dino", 0.45)) for f in (0.01, 0.1, 1.0)]
+    (tmp_path / "grid").mkdir()
+    (tmp_path / "grid" / "table.json").write_text(json.dumps(dict(headline="f1_macro", rows=rows,
+                                                                   config=dict(data="brain_mri"))))
+    assert plot.main([tmp_path / "grid", "--paper"]) == 0 and is_png(tmp_path / "grid" / "label_efficiency.png")
+    assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_plot_refuses_what_it_cannot_draw_in_one_sentence(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "table.json").write_text(json.dumps({"rows": [{"x": 1}]}))
+    write_jsonl(tmp_path / "run" / "log.jsonl", pretrain_log(0.05))
+    write_jsonl(tmp_path / "ft" / "log.jsonl", [dict(epoch=1, train_loss=1.0, val_loss=1.0)])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "log.jsonl").write_text("{not json\n")
+    for args, said in (([tmp_path / "empty"], "is not a run"), ([tmp_path / "other"], "is not a table written by"),
+                       ([tmp_path / "run", tmp_path / "ft", "--out", tmp_path / "x.png"], "different kinds"),
+                       ([tmp_path / "run", tmp_path / "run"], "name it with --out"),
+                       ([tmp_path / "bad"], "not a log.jsonl written by cass.py"),
+                       ([tmp_path / "run", "--out", tmp_path / "no" / "such" / "x.png"], "cannot write")):
+        capsys.readouterr()
+        assert plot.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not list(tmp_path.rglob("*.png"))

@@ -1,0 +1,279 @@
+"""Pictures of runs (matplotlib): what a run folder or a protocol folder says, as a PNG.
+
+    python tools/plot.py runs/brain                          # a pretraining run -> runs/brain/monitor.png
+    python tools/plot.py runs/brain-cnn-10                   # a fine-tuning run -> curves.png (and confusion.png)
+    python tools/plot.py runs/protocol --paper               # a protocol grid -> label_efficiency.png
+    python tools/plot.py runs/eq1 runs/cass-vc --out both.png   # several runs of one kind on shared axes
+
+A pretraining run (cass.py pretrain or tools/dino.py) gives its epochs: the loss; each arm's output spread on the
+training batches and on the validation images, with the healthy level 1/sqrt(dim); the effective rank and the
+first principal component's share; the cosine between the arms; the 20-NN accuracy on features and outputs
+with the raw-pixel floor and the majority-class rate. Epochs where the run said COLLAPSE are shaded red. A
+fine-tuning run gives its training and validation loss and the validation headline metric per epoch with the
+best epoch marked, and the test confusion matrix from metrics.json. A protocol folder (table.json) gives the
+label-efficiency chart: the test headline metric against the label fraction, one line per initialisation with
+the seeds' standard deviation, one panel per arm and mode; --paper adds the paper's Table 1 (CASS, DINO and
+supervised, best model per method). Needs tools/requirements.txt.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cass  # noqa: E402
+
+PAPER_TABLE_1 = {  # paper Table 1, best model per method, mean of 5 runs: label fraction -> CASS, DINO, supervised
+    "brain_mri": {0.01: (0.4082, 0.6341, 0.3717), 0.1: (0.8925, 0.9233, 0.9022), 1.0: (0.9909, 0.9900, 0.9899)},
+    "isic2019": {0.01: (0.7258, 0.5180, 0.5200), 0.1: (0.6195, 0.3646, 0.3097), 1.0: (0.6519, 0.3908, 0.3500)},
+    "autoimmune": {0.1: (0.8717, 0.8445, 0.8356), 1.0: (0.8894, 0.8639, 0.8420)},
+}
+ARMS = ("cnn", "vit")
+
+
+def read_jsonl(path):
+    try:
+        return [json.loads(line) for line in open(path) if line.strip()]
+    except (OSError, ValueError) as e:
+        raise cass.UserError(f"cannot read {path} ({type(e).__name__}): not a log.jsonl written by cass.py") from None
+
+
+def kind_of(folder):
+    """pretrain, finetune or protocol, from what the folder holds."""
+    folder = Path(folder)
+    if (folder / "table.json").is_file():
+        return "protocol"
+    if (folder / "log.jsonl").is_file():
+        rows = read_jsonl(folder / "log.jsonl")
+        if any("train_loss" in r for r in rows):
+            return "finetune"
+        if any("loss" in r or r.get("phase") == "init" for r in rows):
+            return "pretrain"
+    raise cass.UserError(f"{folder} is not a run: a pretraining or fine-tuning run folder holds log.jsonl, a protocol "
+                         "folder table.json")
+
+
+def series(rows, key):
+    """(epochs, values) of the log lines that hold `key`."""
+    points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def draw(ax, rows, key, style, **kwargs):
+    """One line of a log's `key` on `ax`, if the log has it (older logs lack some); returns its colour."""
+    xs, ys = series(rows, key)
+    return ax.plot(xs, ys, style, **kwargs)[0].get_color() if xs else kwargs.get("color")
+
+
+def plot_pretrain(axes, folder, label, many):
+    rows = read_jsonl(Path(folder) / "log.jsonl")
+    cfg = json.load(open(Path(folder) / "args.json")) if (Path(folder) / "args.json").is_file() else {}
+    tag = (lambda arm: f"{label} {arm}") if many else (lambda arm: arm)
+    loss, spread, rank, cos, knn, pc1 = axes
+    passes = sorted({r["arm"] for r in rows if "arm" in r})  # tools/dino.py: one pass per arm, each its own loss
+    for arm in passes or [None]:
+        name = " ".join(x for x in (label if many else cfg.get("method", "cass"), arm) if x)
+        draw(loss, [r for r in rows if r.get("arm") == arm], "loss", "o-", label=name)
+    for arm in ARMS:
+        colour = draw(spread, rows, f"std_{arm}", "o-", label=f"{tag(arm)}, training batches")
+        draw(spread, rows, f"val_std_{arm}", "s--", color=colour, label=f"{tag(arm)}, validation")
+        colour = draw(rank, rows, f"rank_{arm}", "o-", label=f"{tag(arm)} effective rank")
+        draw(pc1, rows, f"pc1_{arm}", "s:", color=colour, label=f"{tag(arm)} first PC share (right)")
+        for key, style, what in (("feat", "o-", "features"), ("out", "s--", "outputs")):
+            draw(knn, rows, f"knn_{arm}_{key}", style, label=f"{tag(arm)} {what}")
+    draw(cos, rows, "cos_cnn_vit", "o-", label=f"{label + ' ' if many else ''}training batches")
+    draw(cos, rows, "val_cos", "s--", label=f"{label + ' ' if many else ''}validation")
+    healthy = next((r["std_healthy"] for r in rows if "std_healthy" in r), None)
+    if healthy:
+        spread.axhline(healthy, color="green", lw=1, label=f"healthy 1/sqrt(dim) = {healthy:.4f}")
+        spread.axhline(healthy / 10, color="red", lw=1, ls=":", label="COLLAPSE below a tenth of it")
+    base = next((r for r in rows if "knn_raw_pixels" in r), {})
+    if base and not many:
+        knn.axhline(base["knn_raw_pixels"], color="black", ls=":", label=f"raw pixels {base['knn_raw_pixels']:.3f}")
+        knn.axhline(base["majority"], color="grey", ls="-.", label=f"majority class {base['majority']:.3f}")
+    dim = 1 / healthy**2 if healthy else 256
+    collapsed = sorted({r["epoch"] for r in rows if "loss" in r and cass.collapse_warning(r, round(dim))})
+    for e in collapsed if not many else []:
+        for ax in axes[:5]:
+            ax.axvspan(e - 0.5, e + 0.5, color="red", alpha=0.08, lw=0)
+    return collapsed
+
+
+def figure_pretrain(folders, labels):
+    import matplotlib.pyplot as plt
+
+    fig, grid = plt.subplots(2, 3, figsize=(16, 9))
+    axes = (*grid.flat[:5], grid.flat[2].twinx())  # the first PC's share on the rank panel's right axis
+    grid.flat[5].axis("off")
+    said = {label: plot_pretrain(axes, f, label, len(folders) > 1) for f, label in zip(folders, labels)}
+    titles = ("loss", "spread of the normalised outputs (log)", "effective rank (left), first PC share (right)",
+              "cosine between the arms", "20-NN accuracy on the validation images")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("epoch (0: initialisation)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="upper left")
+    if not axes[3].lines:
+        axes[3].text(0.5, 0.5, "one arm at a time: no cosine", ha="center", transform=axes[3].transAxes)
+    axes[5].set_ylim(0, 1)
+    if axes[5].lines:
+        axes[5].legend(fontsize=7, loc="upper right")
+    if any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in axes[1].lines):
+        axes[1].set_yscale("log")
+    collapsed = "; ".join(f"{k}: from epoch {v[0]}" for k, v in said.items() if v)
+    fig.suptitle(f"{', '.join(labels)}" + (f"  COLLAPSE ({collapsed}, shaded)" if collapsed else "  no collapse said"),
+                 color="red" if collapsed else "black")
+    return fig
+
+
+def figure_finetune(folders, labels):
+    import matplotlib.pyplot as plt
+
+    fig, (loss, metric) = plt.subplots(1, 2, figsize=(13, 5))
+    for folder, label in zip(folders, labels):
+        rows = read_jsonl(Path(folder) / "log.jsonl")
+        key = next((k for k in rows[0] if k.startswith("val_") and k != "val_loss"), None) if rows else None
+        line = loss.plot(*series(rows, "train_loss"), "o-", label=f"{label} training")
+        loss.plot(*series(rows, "val_loss"), "s--", color=line[0].get_color(), label=f"{label} validation")
+        if key:
+            metric.plot(*series(rows, key), "o-", color=line[0].get_color(), label=label)
+            metric.set_ylabel(key.replace("_", " "))
+        best = rows[-1].get("best_epoch") if rows else None
+        if best:
+            for ax in (loss, metric):
+                ax.axvline(best, color=line[0].get_color(), ls=":", lw=1)
+            metric.annotate(f"best epoch {best}", (best, metric.get_ylim()[0]), rotation=90, fontsize=8, va="bottom")
+    for ax, title in ((loss, "focal loss"), (metric, "validation headline metric (best epoch dotted)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def figure_confusion(folder):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = json.load(open(Path(folder) / "metrics.json"))
+    test = metrics.get("test", {})
+    if "confusion_matrix" not in test:
+        return None  # multi-label runs have none
+    m, classes = np.array(test["confusion_matrix"]), list(test["per_class"])
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.0 * len(classes) + 2.5))
+    shares = m / np.maximum(m.sum(1, keepdims=True), 1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test, {metrics.get('headline', '')} {test.get(metrics.get('headline'), float('nan')):.4f}")
+    fig.tight_layout()
+    return fig
+
+
+def read_table(folder):
+    table = json.load(open(Path(folder) / "table.json"))
+    needed = {"arm", "init", "mode", "fraction", "mean", "std", "n"}
+    if not isinstance(table, dict) or not table.get("rows") or not all(needed <= set(r) for r in table["rows"]):
+        raise cass.UserError(f"{folder}/table.json is not a table written by tools/protocol.py (rows of "
+                             f"{', '.join(sorted(needed))})")
+    return table
+
+
+def figure_protocol(folders, labels, paper=False):
+    import matplotlib.pyplot as plt
+
+    tables = [read_table(f) for f in folders]
+    panels = sorted({(r["arm"], r["mode"]) for t in tables for r in t["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False, sharey=True)
+    for ax, (arm, mode) in zip(axes[0], panels):
+        for table, label in zip(tables, labels):
+            for init in sorted({r["init"] for r in table["rows"]}):
+                rows = sorted((r for r in table["rows"] if (r["arm"], r["mode"], r["init"]) == (arm, mode, init)),
+                              key=lambda r: r["fraction"])
+                if rows:
+                    ax.errorbar([r["fraction"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows],
+                                marker="o", capsize=3, label=f"{label + ': ' if len(tables) > 1 else ''}{init}")
+        data = tables[0].get("config", {}).get("data")
+        for i, name in enumerate(("CASS", "DINO", "supervised")) if paper and data in PAPER_TABLE_1 else []:
+            points = sorted(PAPER_TABLE_1[data].items())
+            ax.plot([f for f, _ in points], [v[i] for _, v in points], ls=":", marker="xv+"[i], color="grey",
+                    label=f"paper: {name} (ImageNet-initialised resnet50 / ViT-B at 384 px)" if i == 0 else
+                    f"paper: {name}")
+        ax.set_xscale("log")
+        ax.set_xticks([0.01, 0.1, 1.0], ["1%", "10%", "100%"])
+        ax.set_title(f"{arm}, {mode}")
+        ax.set_xlabel("labelled share of the training split")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"test {tables[0].get('headline', '')} (mean ± std over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, out):
+    """The PNG written whole, then renamed (never half a file)."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise cass.UserError(f"cannot write {out} ({e.strerror or e}); choose another --out") from None
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}")
+
+
+def plot(folders, out=None, paper=False):
+    """The pictures of one kind of folder; returns the PNGs written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    kinds = {kind_of(f) for f in folders}
+    if len(kinds) > 1:
+        raise cass.UserError(f"the folders are of different kinds ({', '.join(sorted(kinds))}): plot one kind at once")
+    kind = kinds.pop()
+    if len(folders) > 1 and not out:
+        raise cass.UserError("several folders go on one picture: name it with --out FILE.png")
+    labels = [Path(f).resolve().name for f in folders]
+    first = Path(folders[0])
+    name = {"pretrain": "monitor.png", "finetune": "curves.png", "protocol": "label_efficiency.png"}[kind]
+    figure = dict(pretrain=figure_pretrain, finetune=figure_finetune)[kind] if kind != "protocol" else \
+        (lambda f, l: figure_protocol(f, l, paper))
+    written = [Path(out or first / name)]
+    save(figure(folders, labels), written[0])
+    if kind == "finetune" and len(folders) == 1 and (first / "metrics.json").is_file():
+        fig = figure_confusion(first)
+        if fig is not None:
+            written.append(Path(out).with_name(Path(out).stem + "-confusion.png") if out else first / "confusion.png")
+            save(fig, written[-1])
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="run folders (pretraining or fine-tuning) or protocol folders, one kind")
+    p.add_argument("--out", help="the PNG to write (default: monitor.png, curves.png or label_efficiency.png in the "
+                   "folder; needed for several folders)")
+    p.add_argument("--paper", action="store_true", help="protocol: draw the paper's Table 1 beside the results")
+    args = p.parse_args([str(a) for a in argv] if argv is not None else None)
+    try:
+        plot(args.folders, args.out, args.paper)
+    except cass.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ sys.path.insert(0, str(HERE / "tools"))
 import bench  # noqa: E402
 import cass  # noqa: E402
 import dino  # noqa: E402
+import explain  # noqa: E402
 import export  # noqa: E402
 import plot  # noqa: E402
 import protocol  # noqa: E402
@@ -367,3 +368,66 @@ def test_plot_refuses_what_it_cannot_draw_in_one_sentence(tmp_path, capsys):
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not list(tmp_path.rglob("*.png"))
+
+
+# ------------------------------------------------------------------------------------------
+# tools/explain.py: heat-maps of both arms
+# ------------------------------------------------------------------------------------------
+
+
+def write_lesions(root, n=16, size=128):
+    """Two classes told apart only by a bright square that sits in the top-left quadrant of every 'lesion' image."""
+    import numpy as np
+    from PIL import Image
+
+    for name, lesion in (("clear", False), ("lesion", True)):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            rng = np.random.default_rng(i + 1000 * lesion)
+            a = rng.normal(90, 25, (size, size, 3))
+            if lesion:
+                y, x = rng.integers(4, 16, 2)
+                a[y:y + 28, x:x + 28] = 250
+            Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def test_the_cnn_heat_map_peaks_where_the_evidence_is_and_both_arms_are_drawn_side_by_side(tmp_path, capsys):
+    import numpy as np
+
+    root = write_lesions(tmp_path / "d")
+    common = [*TINY, "--data", "folder", "--root", root, "--splits", "auto", "--init", "random"]
+    assert cass.main(["finetune", *common, "--arm", "cnn", "--img-size", "128", "--epochs", "5", "--lr", "1e-3",
+                      "--out", tmp_path / "cnn"]) == 0
+    path, obj = cass.load_finetuned(tmp_path / "cnn")
+    model, table = cass.load_encoder(obj, path), explain.image_table(root / "lesion", obj["classes"])
+    in_quadrant = 0
+    for key in table.keys:
+        maps, probs, explained = explain.heatmaps(model, cass.normalize(cass.decode_image(table, key, 128)[None]))
+        y, x = np.unravel_index(maps[0].argmax(), maps[0].shape)
+        in_quadrant += bool(y < 64 and x < 64)  # chance: a quarter
+    assert in_quadrant >= 0.75 * len(table.keys), in_quadrant
+    assert cass.main(["finetune", *common, "--arm", "vit", "--mode", "linear", "--epochs", "1", "--out",
+                      tmp_path / "vit"]) == 0
+    few = tmp_path / "few" / "scans"
+    few.mkdir(parents=True)
+    for i in (0, 1):
+        (few / f"lesion_{i}.png").write_bytes((root / "lesion" / f"lesion_{i}.png").read_bytes())
+    assert explain.main(["--ckpt", tmp_path / "cnn", "--ckpt", tmp_path / "vit" / "best.pt", "--images",
+                         tmp_path / "few", "--out", tmp_path / "maps"]) == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["scans__lesion_0.png", "scans__lesion_1.png"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "maps" / "scans__lesion_0.png") as img:
+        assert img.size[0] > 2.5 * img.size[1]  # the image and two heat-maps side by side
+    capsys.readouterr()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
+    for args, said in ((["--images", tmp_path / "nowhere"], "is neither a folder"),
+                       (["--images", few, "--target", "tumour"], "is not one of the classes"),
+                       (["--images", tmp_path / "broken"], "cannot decode image"),
+                       (["--images", few, "--ckpt", root], "is a folder without best.pt")):
+        assert explain.main(["--ckpt", tmp_path / "cnn", "--out", tmp_path / "maps2", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not list(tmp_path.rglob(".*.tmp*"))

@@ -66,35 +66,40 @@ def draw(ax, rows, key, style, **kwargs):
     return ax.plot(xs, ys, style, **kwargs)[0].get_color() if xs else kwargs.get("color")
 
 
-def plot_pretrain(axes, folder, label, many):
+def plot_pretrain(axes, folder, label, colour=None):
+    """One run's monitor on the six axes. With `colour` (several runs on one picture) the colour is the run's and
+    the style tells the arm (CNN solid, ViT dashed) and, for the spread, training (circles) from validation."""
     rows = read_jsonl(Path(folder) / "log.jsonl")
     cfg = json.load(open(Path(folder) / "args.json")) if (Path(folder) / "args.json").is_file() else {}
-    tag = (lambda arm: f"{label} {arm}") if many else (lambda arm: arm)
     loss, spread, rank, cos, knn, pc1 = axes
+    style = {"cnn": "-", "vit": "--"}
     passes = sorted({r["arm"] for r in rows if "arm" in r})  # tools/dino.py: one pass per arm, each its own loss
     for arm in passes or [None]:
-        name = " ".join(x for x in (label if many else cfg.get("method", "cass"), arm) if x)
-        draw(loss, [r for r in rows if r.get("arm") == arm], "loss", "o-", label=name)
+        name = " ".join(x for x in (label if colour else cfg.get("method", "cass"), arm) if x)
+        draw(loss, [r for r in rows if r.get("arm") == arm], "loss", "o" + style.get(arm, "-"), color=colour,
+             label=name)
     for arm in ARMS:
-        colour = draw(spread, rows, f"std_{arm}", "o-", label=f"{tag(arm)}, training batches")
-        draw(spread, rows, f"val_std_{arm}", "s--", color=colour, label=f"{tag(arm)}, validation")
-        colour = draw(rank, rows, f"rank_{arm}", "o-", label=f"{tag(arm)} effective rank")
-        draw(pc1, rows, f"pc1_{arm}", "s:", color=colour, label=f"{tag(arm)} first PC share (right)")
-        for key, style, what in (("feat", "o-", "features"), ("out", "s--", "outputs")):
-            draw(knn, rows, f"knn_{arm}_{key}", style, label=f"{tag(arm)} {what}")
-    draw(cos, rows, "cos_cnn_vit", "o-", label=f"{label + ' ' if many else ''}training batches")
-    draw(cos, rows, "val_cos", "s--", label=f"{label + ' ' if many else ''}validation")
+        tag = f"{label} {arm}" if colour else arm
+        c = draw(spread, rows, f"std_{arm}", "o" + style[arm], color=colour, label=f"{tag}, training batches")
+        draw(spread, rows, f"val_std_{arm}", "s" + style[arm], color=c, mfc="none", label=f"{tag}, validation")
+        c = draw(rank, rows, f"rank_{arm}", "o" + style[arm], color=colour, label=f"{tag} effective rank")
+        draw(pc1, rows, f"pc1_{arm}", "x" + style[arm], color=c, alpha=0.6, label=f"{tag} first PC share (right)")
+        c = draw(knn, rows, f"knn_{arm}_feat", "o" + style[arm], color=colour, label=f"{tag} features")
+        draw(knn, rows, f"knn_{arm}_out", "s" + style[arm], color=c, mfc="none", label=f"{tag} outputs")
+    c = draw(cos, rows, "cos_cnn_vit", "o-", color=colour, label=f"{label + ' ' if colour else ''}training batches")
+    draw(cos, rows, "val_cos", "s--", color=c, mfc="none", label=f"{label + ' ' if colour else ''}validation")
     healthy = next((r["std_healthy"] for r in rows if "std_healthy" in r), None)
-    if healthy:
+    labels = {line.get_label() for line in spread.lines}
+    if healthy and f"healthy 1/sqrt(dim) = {healthy:.4f}" not in labels:
         spread.axhline(healthy, color="green", lw=1, label=f"healthy 1/sqrt(dim) = {healthy:.4f}")
         spread.axhline(healthy / 10, color="red", lw=1, ls=":", label="COLLAPSE below a tenth of it")
     base = next((r for r in rows if "knn_raw_pixels" in r), {})
-    if base and not many:
+    if base and not any(line.get_label().startswith("raw pixels") for line in knn.lines):
         knn.axhline(base["knn_raw_pixels"], color="black", ls=":", label=f"raw pixels {base['knn_raw_pixels']:.3f}")
         knn.axhline(base["majority"], color="grey", ls="-.", label=f"majority class {base['majority']:.3f}")
     dim = 1 / healthy**2 if healthy else 256
     collapsed = sorted({r["epoch"] for r in rows if "loss" in r and cass.collapse_warning(r, round(dim))})
-    for e in collapsed if not many else []:
+    for e in collapsed if not colour else []:
         for ax in axes[:5]:
             ax.axvspan(e - 0.5, e + 0.5, color="red", alpha=0.08, lw=0)
     return collapsed
@@ -106,7 +111,8 @@ def figure_pretrain(folders, labels):
     fig, grid = plt.subplots(2, 3, figsize=(16, 9))
     axes = (*grid.flat[:5], grid.flat[2].twinx())  # the first PC's share on the rank panel's right axis
     grid.flat[5].axis("off")
-    said = {label: plot_pretrain(axes, f, label, len(folders) > 1) for f, label in zip(folders, labels)}
+    colours = [f"C{i}" for i in range(len(folders))] if len(folders) > 1 else [None]
+    said = {label: plot_pretrain(axes, f, label, c) for f, label, c in zip(folders, labels, colours)}
     titles = ("loss", "spread of the normalised outputs (log)", "effective rank (left), first PC share (right)",
               "cosine between the arms", "20-NN accuracy on the validation images")
     for ax, title in zip(axes, titles):
@@ -114,12 +120,12 @@ def figure_pretrain(folders, labels):
         ax.set_xlabel("epoch (0: initialisation)")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=7, loc="upper left")
+            ax.legend(fontsize=6 if len(folders) > 1 else 7, loc="upper left")
     if not axes[3].lines:
         axes[3].text(0.5, 0.5, "one arm at a time: no cosine", ha="center", transform=axes[3].transAxes)
     axes[5].set_ylim(0, 1)
     if axes[5].lines:
-        axes[5].legend(fontsize=7, loc="upper right")
+        axes[5].legend(fontsize=6, loc="upper right")
     if any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in axes[1].lines):
         axes[1].set_yscale("log")
     collapsed = "; ".join(f"{k}: from epoch {v[0]}" for k, v in said.items() if v)
@@ -246,6 +252,8 @@ def plot(folders, out=None, paper=False):
     if len(folders) > 1 and not out:
         raise cass.UserError("several folders go on one picture: name it with --out FILE.png")
     labels = [Path(f).resolve().name for f in folders]
+    if len(set(labels)) < len(labels):  # e.g. several protocols' pretrain/ folders: name their parents too
+        labels = [f"{Path(f).resolve().parent.name}/{Path(f).resolve().name}" for f in folders]
     first = Path(folders[0])
     name = {"pretrain": "monitor.png", "finetune": "curves.png", "protocol": "label_efficiency.png"}[kind]
     figure = dict(pretrain=figure_pretrain, finetune=figure_finetune)[kind] if kind != "protocol" else \

@@ -1465,8 +1465,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
                   "4 kept both arms' outputs spread in the README's runs, 1 (VICReg's ratio) just under half of "
                   "healthy", dict(type=float)),
     "init": ("f", None, "a pretraining run folder (with --arm), its cnn.pt or vit.pt, imagenet, random, or random-bn "
-             "(random with BatchNorm statistics re-estimated on the training images: the control)",
-             dict(required=True)),
+             "(random with BatchNorm statistics re-estimated on the training images: the control) (default: none; "
+             "one is needed)", {}),
     "arm": ("f", None, "cnn or vit: the encoder to fine-tune (needed with a run folder; default for baselines: cnn)",
             dict(choices=["cnn", "vit"])),
     "label_fraction": ("f", 1.0, "share of the training labels: 1.0, 0.1 or 0.01 (paper 5)", dict(type=float)),

@@ -25,6 +25,7 @@ def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells
     root = write_folder(tmp_path / "d", n=10)
     args = [*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--epochs", "1", "--arms", "cnn",
             "--inits", "cass", "dino", "random", "random-bn", "imagenet", "--modes", "linear", "--fractions", "1.0",
+            "--prototypes", "256",
             "--seeds", "2", "--ft-epochs-linear", "1", "--out", tmp_path / "p"]
     env_hub = os.environ.get("HF_ENDPOINT")
     os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the hub is unreachable: the imagenet cells are skipped
@@ -44,7 +45,8 @@ def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells
     assert json.load(open(tmp_path / "p" / "cells" / "cnn-dino-linear-1-seed0" / "args.json"))["init"] == str(dino_run)
     assert protocol.main(args) == 0  # everything finished: nothing is trained again
     out = capsys.readouterr().out
-    assert "[1/8]" not in out and "fine-tuning resnet" not in out and "pretraining" not in out, out
+    assert "[1/8]" not in out and "fine-tuning resnet" not in out and "CASS pretraining" not in out, out
+    assert "DINO pretraining (" not in out
     assert "8 fine-tuning runs" in (tmp_path / "p" / "table.md").read_text()
     assert json.load(open(tmp_path / "p" / "table.json"))["pretrain_minutes"] > 0
 
@@ -131,7 +133,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 DINO_CFG = dict(cnn="resnet18", vit="vit_tiny_patch16_224", img_size=32, patch_size=8, pretrained=False,
                 cnn_weights=None, vit_weights=None, recipe="vit-pytorch", lr=1e-3, sched_unit="epoch", t_max=16,
-                eta_min=1e-6)
+                eta_min=1e-6, prototypes=256)
 
 
 def test_dino_moves_the_teacher_and_the_centre_every_step_and_trains_only_the_student():
@@ -169,7 +171,7 @@ def test_a_dino_run_gives_encoders_that_finetune_and_load_model_take_as_a_cass_r
     root = write_folder(tmp_path / "d", n=8)
     run = tmp_path / "dino"
     assert dino.main([*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--splits", "auto", "--epochs",
-                      "1", "--out", run]) == 0
+                      "1", "--prototypes", "256", "--out", run]) == 0
     out = capsys.readouterr().out
     assert "cnn epoch   1/1" in out and "vit epoch   1/1" in out and "20-NN features" in out
     log = read_log(run / "log.jsonl")
@@ -201,7 +203,8 @@ def _image():
 
 def test_an_interrupted_dino_run_resumes_to_the_same_encoders_and_log(tmp_path, monkeypatch, capsys):
     root = write_folder(tmp_path / "d", n=8)
-    common = [*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "2"]
+    common = [*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "2",
+              "--prototypes", "256"]
     assert dino.main([*common, "--out", tmp_path / "a"]) == 0
     epoch, calls = dino.dino_epoch, []
 
@@ -231,7 +234,7 @@ def test_an_interrupted_dino_run_resumes_to_the_same_encoders_and_log(tmp_path, 
 def test_bench_dino_gives_the_cass_over_dino_ratio_of_steps_and_of_real_epochs(tmp_path, capsys):
     root = write_folder(tmp_path / "d", n=6)
     assert bench.main([*TINY, "--out-dim", "16", "--steps", "1", "--warmup", "0", "--data", "folder", "--root", root,
-                       "--splits", "auto", "--dino"]) == 0
+                       "--splits", "auto", "--dino", "--prototypes", "256"]) == 0
     out = capsys.readouterr().out
     r = json.loads(out.strip().splitlines()[-1])
     assert r["cass_over_dino_step"] == pytest.approx(

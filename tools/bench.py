@@ -47,6 +47,8 @@ def build_parser():
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to fit larger batches")
     p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest batch that fits")
     p.add_argument("--dino", action="store_true", help="also time DINO on each arm, steps and whole epochs (Table 2)")
+    default, text, options = dino.DINO_FLAGS["prototypes"]
+    p.add_argument("--prototypes", default=default, help=f"with --dino: {text} (default: {default})", **options)
     return p
 
 
@@ -126,7 +128,7 @@ def dino_step_seconds(cfg, rt, arm):
     """Median seconds of one DINO step on one arm (tools/dino.dino_epoch on one synthetic batch)."""
     torch.manual_seed(0)
     learner = dino.build_learner({**cfg, "pretrained": False, "cnn_weights": None, "vit_weights": None,
-                                  "recipe": "vit-pytorch"}, arm, rt)
+                                  "recipe": "vit-pytorch"}, arm, rt)  # cfg["prototypes"]: K
     optimizer = cass.make_adam(learner.student_encoder.parameters(), cfg["lr"])
     scheduler, scaler = cass.cosine_schedule(optimizer, cfg), rt.scaler()
     batch = [(torch.randint(0, 256, (cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"]), dtype=torch.uint8),
@@ -249,7 +251,7 @@ def bench(cfg):
 
 def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
-    extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino")}
+    extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino", "prototypes")}
     try:
         given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
         bench({**cass.resolve("pretrain", given), **extra})

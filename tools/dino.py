@@ -14,8 +14,8 @@ reader comparing the two should know: student temperature 0.9 (DINO: 0.1), teach
 rising to 1), two global and two local crops all resized to the image size (no multi-crop), one random crop and
 colour jitter for the whole batch (its augmentations run on the batch tensor), an average of the parameters
 only, its own normalisation (it takes images in [0, 1], not the normalised tensors cass.py feeds its encoders)
-and K = 65336 prototypes. `--recipe dino-paper` sets the two of these that the class takes as arguments
-(student temperature 0.1, teacher momentum 0.996).
+and K = 65336 prototypes (`--prototypes`). `--recipe dino-paper` sets the two of these that the class takes
+as arguments (student temperature 0.1, teacher momentum 0.996).
 
 The result is the student's backbone, written as cnn.pt and vit.pt in cass.py's encoder format with a head of
 the preset's width (as a CASS run has one), so `cass.py finetune --init RUN --arm cnn|vit`, evaluate, predict
@@ -37,7 +37,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cass  # noqa: E402
 
-K = 65336  # vit_pytorch.Dino's number of prototypes (num_classes_K), kept
+K = 65336  # vit_pytorch.Dino's number of prototypes (num_classes_K): the default
 BOTTLENECK = 256  # its projection_hidden_size: the L2-normalised layer before the last, which the monitor reads
 RECIPES = {  # keyword arguments of vit_pytorch.Dino
     "vit-pytorch": {},  # the class's defaults, as the paper ran it
@@ -47,6 +47,8 @@ CASS_ONLY = ("objective", "vc_weight", "swa_start", "sync_bn", "compile")  # pre
 DINO_FLAGS = {  # flag: (default, help, argparse options)
     "arms": (["cnn", "vit"], "the encoders to pretrain, one pass each, in this order",
              dict(nargs="+", choices=["cnn", "vit"])),
+    "prototypes": (K, "K, the width of DINO's projection (vit_pytorch's default; the DINO paper used 65536)",
+                   dict(type=int)),
     "recipe": ("vit-pytorch", "vit-pytorch: the class's defaults, as the paper ran it (student temperature 0.9, "
                "teacher momentum 0.9); dino-paper: the DINO paper's 0.1 and 0.996",
                dict(choices=list(RECIPES))),
@@ -62,7 +64,8 @@ def build_learner(cfg, arm, rt):
     kwargs = cass.encoder_kwargs(name, cfg["img_size"], cfg["patch_size"])
     weights = cfg[f"{arm}_weights"] or ("imagenet" if cfg["pretrained"] else None)
     backbone = cass.to_device(cass.create_encoder(name, 0, kwargs, weights), rt, name)
-    return Dino(backbone, image_size=cfg["img_size"], hidden_layer=-1, **RECIPES[cfg["recipe"]])
+    return Dino(backbone, image_size=cfg["img_size"], hidden_layer=-1, num_classes_K=cfg.get("prototypes", K),
+                **RECIPES[cfg["recipe"]])
 
 
 class Student(nn.Module):

@@ -1,7 +1,7 @@
 """Heat-maps of both arms: where a fine-tuned CNN and ViT look when they classify an image (the `grad-cam` package).
 
     python tools/explain.py --ckpt runs/brain-cnn-10 --ckpt runs/brain-vit-10 --images new_scans/ --out heatmaps/
-    python tools/explain.py --ckpt runs/brain-cnn-10/best.pt --images scan.jpg --out heatmaps/ --target glioma
+    python tools/explain.py --ckpt runs/brain-cnn-10/best.pt --images a.jpg b.jpg --out heatmaps/ --target glioma
 
 For each image one PNG: the image as the models saw it (resized to the run's image size), then each model's
 Grad-CAM overlaid on it, titled with its predicted class and probability (and the class the map explains, if
@@ -75,7 +75,8 @@ def image_table(source, classes):
 
 
 def explain(ckpts, images, out, target=None):
-    """One PNG per image in `out`: the image and each model's heat-map. Returns the files written."""
+    """One PNG per image of the sources `images` in `out`: the image and each model's heat-map. Returns the files
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,13 +90,13 @@ def explain(ckpts, images, out, target=None):
     if target is not None and target not in classes:
         raise cass.UserError(f"--target {target} is not one of the classes {', '.join(classes)}")
     models = [(path, obj, cass.load_encoder(obj, path).eval()) for path, obj in loaded]
-    table = image_table(images, classes)
+    tables = [image_table(source, classes) for source in images]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise cass.UserError(f"--out {out} is a file; give a folder for the PNGs")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for key in table.keys:
+    for table, key in ((table, key) for table in tables for key in table.keys):
         views = [cass.decode_image(table, key, obj["img_size"]) for _, obj, _ in models]  # uint8 [3, S, S]
         fig, axes = plt.subplots(1, 1 + len(models), figsize=(4 * (1 + len(models)), 4.4), squeeze=False)
         axes[0][0].imshow(views[0].permute(1, 2, 0).numpy())
@@ -131,8 +132,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", action="append", required=True, help="a fine-tuned best.pt or its run folder; give two "
                    "(a CNN and a ViT) to see them side by side")
-    p.add_argument("--images", required=True, help="a folder of images (searched recursively), an image, or a CSV "
-                   "with an 'image' column")
+    p.add_argument("--images", required=True, nargs="+", help="folders of images (searched recursively), images, "
+                   "or CSVs with an 'image' column")
     p.add_argument("--out", required=True, help="the folder for the PNGs (made if absent)")
     p.add_argument("--target", help="the class whose evidence to map (default: each model's predicted class)")
     args = p.parse_args([str(a) for a in argv] if argv is not None else None)

@@ -41,7 +41,7 @@ GRID_FLAGS = {  # flag: (default, help, argparse options)
                          dict(type=int)),
 }
 PRETRAIN_ONLY = ("out_dim", "pretrained", "objective", "vc_weight", "epochs", "lr", "sched_unit", "swa_start",
-                 "compile", "sync_bn", "recipe")
+                 "compile", "sync_bn", "recipe", "prototypes")
 PRETRAINED = ("cass", "dino")  # the initialisations that are a pretraining run of the grid, in --out/<init>
 
 
@@ -51,8 +51,9 @@ def build_parser():
         if "p" in cmds and key not in ("resume", "keep_last"):
             p.add_argument("--" + key.replace("_", "-"), default=None,
                            help=f"as for cass.py pretrain: {cass.flag_help(key, 'pretrain')}", **options)
-    default, text, options = dino.DINO_FLAGS["recipe"]
-    p.add_argument("--recipe", default=None, help=f"the DINO runs: {text} (default: {default})", **options)
+    for key in ("recipe", "prototypes"):
+        default, text, options = dino.DINO_FLAGS[key]
+        p.add_argument(f"--{key}", default=None, help=f"the DINO runs: {text} (default: {default})", **options)
     for key, (default, text, options) in GRID_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), default=default, help=f"{text} (default: {default})", **options)
     return p
@@ -126,7 +127,8 @@ def run(given, grid):
             args = {**given, "out": str(pre), "resume": (pre / "last.pt").exists(), **({"splits": splits} if splits
                                                                                       else {})}
             if init == "cass":
-                cass.pretrain(cass.resolve("pretrain", {k: v for k, v in args.items() if k != "recipe"}), store)
+                cass.pretrain(cass.resolve("pretrain", {k: v for k, v in args.items() if k not in dino.DINO_FLAGS}),
+                              store)
             else:
                 dino.pretrain(dino.resolve({k: v for k, v in args.items() if k not in dino.CASS_ONLY}), store)
             wall = json.load(open(pre / "wall.json"))["seconds"] if (pre / "wall.json").exists() else 0.0

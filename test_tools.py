@@ -193,6 +193,11 @@ def test_a_dino_run_gives_encoders_that_finetune_and_load_model_take_as_a_cass_r
     assert classes == ["a", "b", "c"] and model(preprocess(_image())).shape == (1, 3)
     assert dino.main([*TINY, "--data", "folder", "--root", root, "--out", run]) == 2  # never written over
     assert "already holds a run" in capsys.readouterr().err
+    for args, said in ((["--root", tmp_path / "nowhere"], "does not exist"), (["--resume"], "nothing to resume"),
+                       (["--root", root, "--batch-size", "500"], "fewer than one batch")):
+        assert dino.main([*TINY, "--data", "folder", "--out", tmp_path / "other", *args]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 def _image():

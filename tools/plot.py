@@ -197,15 +197,21 @@ def figure_protocol(folders, labels, paper=False):
 
     tables = [read_table(f) for f in folders]
     panels = sorted({(r["arm"], r["mode"]) for t in tables for r in t["rows"]})
+    series_keys = [(label, init) for t, label in zip(tables, labels) for init in sorted({r["init"] for r in t["rows"]})]
+    colour = {key: f"C{i % 10}" for i, key in enumerate(series_keys)}  # one colour per line in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False, sharey=True)
     for ax, (arm, mode) in zip(axes[0], panels):
+        drawn = set()  # grids that share cells (a control copied into a later grid) draw them once
         for table, label in zip(tables, labels):
             for init in sorted({r["init"] for r in table["rows"]}):
                 rows = sorted((r for r in table["rows"] if (r["arm"], r["mode"], r["init"]) == (arm, mode, init)),
                               key=lambda r: r["fraction"])
-                if rows:
+                same = (init, tuple((r["fraction"], r["mean"]) for r in rows))
+                if rows and same not in drawn:
+                    drawn.add(same)
                     ax.errorbar([r["fraction"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows],
-                                marker="o", capsize=3, label=f"{label + ': ' if len(tables) > 1 else ''}{init}")
+                                marker="o", capsize=3, color=colour[label, init],
+                                label=f"{label + ': ' if len(tables) > 1 else ''}{init}")
         data = tables[0].get("config", {}).get("data")
         for i, name in enumerate(("CASS", "DINO", "supervised")) if paper and data in PAPER_TABLE_1 else []:
             points = sorted(PAPER_TABLE_1[data].items())

@@ -558,7 +558,8 @@ def test_a_given_boolean_flag_overrides_either_preset_in_both_directions():
         if action not in ("store_true", argparse.BooleanOptionalAction):
             continue
         flag = "--" + key.replace("_", "-")
-        for command in (c for c, (letter, _, _) in cass.COMMANDS.items() if letter in cmds and c in ("pretrain",)):
+        for command in (c for c, (letter, _, _) in cass.COMMANDS.items() if letter in cmds and c in ("pretrain",
+                                                                                                     "finetune")):
             for preset in ("paper", "tiny"):
                 cases = [([flag], True)] + ([([flag.replace("--", "--no-")], False)] if action != "store_true" else [])
                 for extra, expected in cases:

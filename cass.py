@@ -1601,27 +1601,30 @@ def given_flags(args):
     """The flags a user gave (argparse's default is None for every flag: False is a given --no-...)."""
     return {k: v for k, v in vars(args).items() if v is not None and k != "command"}
 
-def main(argv=None):
-    args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)
-    given = given_flags(args)
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
+def run_command(work, interrupted="interrupted; a run folder that holds a last.pt continues with the same command "
+                "plus --resume"):
+    """work() as a command (cass.py's and the tools'): a UserError is one sentence on stderr and exit status 2,
+    Ctrl-C outside a training loop exit 130; SIGTERM stops a run as Ctrl-C does."""
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        cfg = resolve(args.command, given)
-        COMMANDS[args.command][1](cfg)
+        work()
     except UserError as e:
         # a message from a DataLoader worker arrives wrapped in its traceback: keep the sentence
         message = str(e).strip().splitlines()[-1].removeprefix("cass.UserError: ").removeprefix("UserError: ")
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outside the training loops
-        print("error: interrupted; a run folder that holds a last.pt continues with the same command plus --resume",
-              file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, old)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+def main(argv=None):
+    args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)
+    return run_command(lambda: COMMANDS[args.command][1](resolve(args.command, given_flags(args))))
 
 if __name__ == "__main__":
     sys.exit(main())

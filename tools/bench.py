@@ -252,13 +252,8 @@ def bench(cfg):
 def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
     extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino", "prototypes")}
-    try:
-        given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
-        bench({**cass.resolve("pretrain", given), **extra})
-    except cass.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
+    return cass.run_command(lambda: bench({**cass.resolve("pretrain", given), **extra}), "interrupted")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ tools/requirements.txt.
 import argparse
 import math
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -236,19 +235,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)
-    given = cass.given_flags(args)
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
-    try:
-        pretrain(resolve(given))
-    except cass.UserError as e:
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    return 0
+    return cass.run_command(lambda: pretrain(resolve(cass.given_flags(args))))
 
 
 if __name__ == "__main__":

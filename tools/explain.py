@@ -137,12 +137,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the folder for the PNGs (made if absent)")
     p.add_argument("--target", help="the class whose evidence to map (default: each model's predicted class)")
     args = p.parse_args([str(a) for a in argv] if argv is not None else None)
-    try:
-        explain(args.ckpt, args.images, args.out, args.target)
-    except cass.UserError as e:
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
-    return 0
+    return cass.run_command(lambda: explain(args.ckpt, args.images, args.out, args.target), "interrupted")
 
 
 if __name__ == "__main__":

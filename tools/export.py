@@ -72,6 +72,8 @@ def export(path, out, arm=None):
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}/model.safetensors and config.json; timm.create_model('local-dir:{out}', pretrained=True) "
+          "builds the same model (checked: identical outputs)")
     return difference
 
 
@@ -81,14 +83,7 @@ def main(argv=None):
     p.add_argument("--arm", choices=["cnn", "vit"], help="which arm of a pretraining run folder (default: none)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     args = p.parse_args([str(a) for a in argv] if argv is not None else None)
-    try:
-        export(args.checkpoint, args.out, args.arm)
-    except cass.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}/model.safetensors and config.json; timm.create_model('local-dir:{args.out}', "
-          "pretrained=True) builds the same model (checked: identical outputs)")
-    return 0
+    return cass.run_command(lambda: export(args.checkpoint, args.out, args.arm), "interrupted")
 
 
 if __name__ == "__main__":

@@ -281,12 +281,7 @@ def main(argv=None):
                    "folder; needed for several folders)")
     p.add_argument("--paper", action="store_true", help="protocol: draw the paper's Table 1 beside the results")
     args = p.parse_args([str(a) for a in argv] if argv is not None else None)
-    try:
-        plot(args.folders, args.out, args.paper)
-    except cass.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cass.run_command(lambda: plot(args.folders, args.out, args.paper), "interrupted")
 
 
 if __name__ == "__main__":

@@ -193,15 +193,7 @@ def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
     grid = {k: args.pop(k) for k in GRID_FLAGS}
     given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
-    try:
-        run(given, grid)
-    except cass.UserError as e:
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to continue the grid", file=sys.stderr)
-        return 130
-    return 0
+    return cass.run_command(lambda: run(given, grid), "interrupted; rerun the same command to continue the grid")
 
 
 if __name__ == "__main__":

@@ -330,7 +330,7 @@ def create_encoder(name, num_classes, kwargs, weights=None):
         obj = json.load(open(Path(weights) / "config.json")) if folder else load_checkpoint(weights, "the weight file")
         found = obj.get("architecture" if folder else "model") if isinstance(obj, dict) else name
         if found != name and (folder or obj.get("format") == "cass-encoder"):
-            raise UserError(f"the weights {weights} holds a {found}, not the {name} asked for; pass "
+            raise UserError(f"the weight file or folder {weights} holds a {found}, not the {name} asked for; pass "
                             f"--{'vit' if is_vit(name) else 'cnn'} {found}")
         if folder:  # timm reads it (and drops a head of another width)
             return timm.create_model(f"local-dir:{weights}", pretrained=True, num_classes=num_classes, **kwargs)

@@ -550,7 +550,6 @@ def test_every_flag_of_every_command_has_help_and_shows_its_default():
     assert "(default: paper: resnet50; tiny: resnet18)" in " ".join(commands["pretrain"].format_help().split())
 
 
-@pytest.mark.skipif(not (SHARED / "brain_mri_224").is_dir(), reason="../shared/data is absent")
 def test_a_given_boolean_flag_overrides_either_preset_in_both_directions():
     parser = cass.build_parser()
     for key, (cmds, default, text, options) in cass.FLAGS.items():
@@ -582,6 +581,7 @@ def test_help_shows_the_first_commands_and_each_command_only_its_own_text():
     assert "torchrun" not in finetune and "one is needed" in finetune and "(default: the --init run's)" in finetune
 
 
+@pytest.mark.skipif(not (SHARED / "brain_mri_224").is_dir(), reason="../shared/data is absent")
 def test_committed_brain_mri_splits_name_the_missing_files_on_the_partial_copy(tmp_path):
     code, out = run([*PRETRAIN, "--data", "brain_mri", "--root", str(SHARED / "brain_mri_224"), "--epochs", "1",
                      "--out", str(tmp_path / "r")])

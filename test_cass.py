@@ -836,8 +836,10 @@ def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path, capsys):
 
 
 def _start(args):
+    # a shell's background job starts with SIGINT ignored, which Python then keeps: give the run Ctrl-C back
     return subprocess.Popen([sys.executable, str(HERE / "cass.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=HERE)
+                            stderr=subprocess.STDOUT, text=True, cwd=HERE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, proc, timeout=300):

@@ -14,38 +14,33 @@ negative pairs. Afterwards each arm is fine-tuned on a few labels on its own (fo
     python cass.py finetune --init runs/RUN --arm cnn --label-fraction 0.1
     python cass.py evaluate --ckpt runs/FT/best.pt [--ckpt runs/FT2/best.pt]   # a model or an ensemble
     python cass.py predict --ckpt runs/FT/best.pt --images DIR_OR_CSV --out predictions.csv
-    python cass.py splits --data brain_mri --listing FILE    # the committed data_splits/<data>/
+    python cass.py splits --data brain_mri --listing FILE --out data_splits/brain_mri   # the committed files
     torchrun --nproc_per_node=4 cass.py pretrain ...        # data-parallel pretraining
 
 tools/protocol.py (the paper's label-efficiency grid) and tools/bench.py (speed) import this file.
 
-Where this file differs from the authors' notebooks, deliberately: gradients are zeroed every step (they
-never are); SWA is real (AveragedModel from --swa-start, once per epoch, BatchNorm statistics recomputed for
-the averaged CNN; theirs does nothing); the cosine schedule moves once per epoch (they step it per batch, so
-with T_max 16 the rate cycles every 32 steps: --sched-unit step); pretraining sees the whole training split,
-not the 10% labelled subset; metrics are scikit-learn's, named for what they are (their "F1" is micro recall
-accumulated across epochs); focal-loss class weights are inverse frequency (theirs, --class-weights paper,
-weigh the majority most); the ViT is validated and saved as itself, the validation loss is averaged over the
-validation loader and no evaluation loader drops images; splits are stratified, nested (1% in 10% in 100%)
-and committed; checkpoints are state_dicts (torch.load(..., weights_only=True)); augmentation follows the
-paper's text: ColorJitter *or* RandomPerspective, then RandomAffine, then the flips (the notebooks apply two
-ColorJitters).
+Where this file differs from the authors' notebooks, deliberately: gradients are zeroed every step (they never are);
+SWA is real (AveragedModel from --swa-start, once per epoch, BatchNorm statistics recomputed for the averaged CNN;
+theirs does nothing); the cosine schedule moves once per epoch (they step it per batch, so with T_max 16 the rate
+cycles every 32 steps: --sched-unit step); pretraining sees the whole training split, not the 10% labelled subset;
+metrics are scikit-learn's, named for what they are (their "F1" is micro recall accumulated across epochs);
+focal-loss class weights are inverse frequency (theirs, --class-weights paper, weigh the majority most); the ViT is
+validated and saved as itself, the validation loss is averaged over the validation loader and no evaluation loader
+drops images; splits are stratified, nested (1% in 10% in 100%) and committed; checkpoints are state_dicts
+(torch.load(..., weights_only=True)); augmentation follows the paper's text: ColorJitter *or* RandomPerspective,
+then RandomAffine, then the flips (the notebooks apply two ColorJitters).
 
-The linear probe (finetune --mode linear) trains a head on the frozen encoder's pooled features, computed
-once without augmentation and standardised with the training features' statistics (folded into the head
-when saved), for at most --epochs epochs.
-
-Measured on 2 CPU cores: from random initialisation (no ImageNet weights) the published objective collapses
-within the first epoch: both encoders emit the same constant and the loss reaches ~0. A falling loss proves
-nothing: the epoch line shows the spread of the normalised outputs (healthy: about 1/sqrt(out_dim)), their
-effective rank, the cosine between the arms and the k-NN accuracy, and says COLLAPSE when they do.
---objective cass-vc --lr 1e-4 (variance and covariance terms on each arm's normalised outputs) is the opt-in
-change that, measured on brain MRI and ISIC 2019, keeps both arms spread and beats the controls (README,
-"Learning without ImageNet weights").
+Measured on 2 CPU cores: from random initialisation (no ImageNet weights) the published objective collapses within
+the first epoch: both encoders emit the same constant and the loss reaches ~0. A falling loss proves nothing: the
+epoch line shows the spread of the normalised outputs (healthy: about 1/sqrt(out_dim)), their effective rank, the
+cosine between the arms and the k-NN accuracy, and says COLLAPSE when they do. --objective cass-vc --lr 1e-4
+(variance and covariance terms on each arm's normalised outputs) is the opt-in change that, measured on brain MRI
+and ISIC 2019, keeps both arms spread and beats the controls (README, "Learning without ImageNet weights").
 """
 import argparse
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -103,7 +98,6 @@ class Table:
     """A dataset: image keys, labels (key -> multi-hot float32 [C]; none for unlabelled images), classes and
     the splits its curators fixed. A key is a path relative to `image_dir` (plus `suffix`), or "array/index"
     for images held in arrays (MedMNIST .npz, the built-in digits)."""
-
     name: str
     classes: list
     multilabel: bool
@@ -133,19 +127,16 @@ def _stratified(keys, strata, count_of_class, rng):
     return [k for k in keys if k in picked]  # the table's order
 
 def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
-    """train/val/test and nested label fractions, stratified and deterministic for a seed.
-
-    The curators' splits (table.given) are kept. Otherwise test and val each take their fraction of
-    every class (brain MRI: val is 10% of Training). train_10pct is 10% of each class of train, and
-    train_1pct 1% of each class of train, drawn from train_10pct. Every class keeps an image.
-    Unlabelled images go to train (pretraining only).
-    """
+    """train/val/test and nested label fractions, stratified and deterministic for a seed. The curators' splits
+    (table.given) are kept; otherwise test and val each take their fraction of every class (brain MRI: val is 10% of
+    Training), leaving train an image of each. train_10pct is 10% of each class of train, and train_1pct 1% of each
+    class of train, drawn from train_10pct; every class keeps an image. Unlabelled images go to train."""
     rng = np.random.default_rng(seed)
     labelled = [k for k in table.keys if k in table.labels]
     splits = {s: list(v) for s, v in table.given.items()}
 
-    def take(pool, frac):
-        return _stratified(pool, table.strata(pool), lambda c, n: min(n, max(1, round(frac * n))), rng)
+    def take(pool, frac):  # a class keeps one image for training (a single image goes to train)
+        return _stratified(pool, table.strata(pool), lambda c, n: min(n - 1, max(1, round(frac * n))), rng)
 
     if "test" not in splits:
         splits["test"] = take(labelled, test_fraction)
@@ -165,64 +156,63 @@ def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
 
 def missing_images(table, keys):
     """The keys whose image is absent (one stat per file: datasets hold 25,000); 0-byte files stop the run."""
-    missing, empty = [], []
-    for k in keys:
+    def size(k):  # -1: absent
+        name, _, i = k.partition("/")
         if table.arrays is not None:
-            name, _, i = k.partition("/")
-            if name not in table.arrays or not i.isdigit() or int(i) >= len(table.arrays[name]):
-                missing.append(k)
-            continue
-        try:
-            if table.path(k).stat().st_size == 0:
-                empty.append(k)
-        except OSError:
-            missing.append(k)
+            return 1 if name in table.arrays and i.isdigit() and int(i) < len(table.arrays[name]) else -1
+        with contextlib.suppress(OSError):
+            return table.path(k).stat().st_size
+        return -1
+    sizes = {k: size(k) for k in keys}
+    empty = [k for k, n in sizes.items() if n == 0]
     if empty:
         raise UserError(f"{len(empty)} image file(s) are empty (0 bytes), first: {table.path(empty[0])}; remove or "
                         "replace them")
-    return missing
+    return [k for k, n in sizes.items() if n < 0]
 
 def load_splits(cfg, table):
     """The run's splits (name -> keys) and where they came from: data_splits/<data> beside this file
-    where it exists, `auto` (computed with seed 0 from the images on disk), or a folder of split files."""
-    committed = HERE / "data_splits" / table.name
-    choice = cfg["splits"] or ("committed" if committed.is_dir() else "auto")
+    where it exists, `auto` (computed with seed 0 from the images on disk), or a folder of split files.
+    A resumed run reads the ones it wrote in its folder at its start (images gone since are left out)."""
+    committed, own = HERE / "data_splits" / table.name, Path(cfg.get("out") or "") / "splits"
+    resumed = bool(cfg.get("resume")) and (own / "train.csv").is_file()
+    choice = own if resumed else cfg["splits"] or ("committed" if committed.is_dir() else "auto")
+    folder, splits = committed if choice == "committed" else Path(choice), dict(all=table.keys)
+    if choice != "auto":
+        names = [n for n in ("train", "val", "test", "train_10pct", "train_1pct") if (folder / f"{n}.csv").is_file()]
+        if not {"train", "val", "test"} <= set(names):
+            raise UserError(f"{folder} holds no train.csv, val.csv and test.csv; use --splits auto to compute splits")
+        splits = {n: list(dict.fromkeys(r[0] for r in read_csv(folder / f"{n}.csv")[1])) for n in names}
+        unlisted = len(set(table.keys) - set().union(*splits.values()))
+        if unlisted:
+            print(f"note: {unlisted} of the {len(table.keys)} images of --data {table.name} are in none of the split "
+                  f"files in {folder}: the run leaves them out")
+    listed, source = sorted(set().union(*splits.values())), f"--data {table.name}" if choice == "auto" else folder
+    missing = set(missing_images(table, listed))  # one stat per image
+    if missing and choice != "auto" and not resumed:
+        n, keys = next((n, k) for n, k in splits.items() if missing.intersection(k))
+        raise UserError(f"{len(missing.intersection(keys))} of the {len(keys)} images that {folder / n}.csv lists are "
+                        f"missing under {table.image_dir or 'the arrays'} (first: {min(missing.intersection(keys))}); "
+                        "use --splits auto to compute splits from the images on disk")
+    if len(missing) == len(listed):
+        raise UserError(f"none of the {len(listed)} images that {source} lists exist (first: "
+                        f"{table.path(listed[0]) if listed else 'none listed'})")
+    if missing:
+        print(f"note: {len(missing)} of the {len(listed)} images that {source} lists are not on disk (first: "
+              f"{table.path(min(missing))}); the splits use the other {len(listed) - len(missing)}")
     if choice == "auto":
-        missing = set(missing_images(table, table.keys))
-        if len(missing) == len(table.keys):
-            raise UserError(f"none of the {len(table.keys)} images that --data {table.name} lists exist (first: "
-                            f"{table.path(table.keys[0]) if table.keys else 'none listed'})")
-        if missing:
-            print(f"--splits auto: {len(missing)} of the {len(table.keys)} images that --data {table.name} lists are "
-                  f"not on disk (first: {table.path(min(missing))}); the splits use the other "
-                  f"{len(table.keys) - len(missing)}")
-            table = replace(table, keys=[k for k in table.keys if k not in missing],
-                            given={s: [k for k in v if k not in missing] for s, v in table.given.items()})
-        return make_splits(table, seed=0), "auto"
-    folder = committed if choice == "committed" else Path(choice)
-    names = [n for n in ("train", "val", "test", "train_10pct", "train_1pct") if (folder / f"{n}.csv").is_file()]
-    if not {"train", "val", "test"} <= set(names):
-        raise UserError(f"{folder} holds no train.csv, val.csv and test.csv; use --splits auto to compute splits")
-    splits = {n: [r[0] for r in read_csv(folder / f"{n}.csv")[1]] for n in names}
-    absent = set(missing_images(table, sorted(set().union(*splits.values()))))  # one stat per image
-    for n, keys in splits.items():
-        missing = [k for k in keys if k in absent]
-        if missing:
-            raise UserError(f"{len(missing)} of the {len(keys)} images that {folder / n}.csv lists are missing under "
-                            f"{table.image_dir or 'the arrays'} (first: {', '.join(missing[:3])}); use --splits auto "
-                            "to compute splits from the images on disk")
-    return splits, str(folder)
+        return make_splits(replace(table, keys=[k for k in table.keys if k not in missing], given={
+            s: [k for k in v if k not in missing] for s, v in table.given.items()}), seed=0), "auto"
+    return {n: [k for k in v if k not in missing] for n, v in splits.items()}, cfg["splits"] if resumed else str(folder)
 
 def image_tensor(img, size):
     """A PIL image as the uint8 [3, size, size] both arms see (paper B.1.2: Resize(size, size))."""
     from PIL import Image
-
     img = Image.fromarray(_rgb_uint8(img)).convert("RGB").resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
 
 def decode_image(table, key, size):
     from PIL import Image
-
     if table.arrays is not None:
         name, index = key.split("/")
         return image_tensor(Image.fromarray(table.arrays[name][int(index)]), size)
@@ -230,16 +220,18 @@ def decode_image(table, key, size):
         with Image.open(table.path(key)) as img:
             img.load()
             return image_tensor(img, size)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot decode image {table.path(key)} ({e}); remove or replace this file") from None
+    except Exception as e:  # OSError, Pillow's DecompressionBombError, ...: a file the user can remove or replace
+        raise UserError(f"cannot decode image {table.path(key)} ({type(e).__name__}: {e}); remove or replace this "
+                        "file") from None
 
 class ImageDataset(Dataset):
-    """The images of one split as uint8 [3, size, size] (augmented with `transform`) and multi-hot targets [C].
-    Items are (index, seed) pairs from EpochSampler: each image's augmentation is drawn from its own seed,
-    so a run does not depend on the number of workers or processes, or on where it was resumed."""
-
-    def __init__(self, table, keys, size, transform=None, cache=None):
+    """The images of one split as uint8 [3, size, size] (augmented with `transform`) and multi-hot targets [C]. Items
+    are (index, seed) pairs from EpochSampler: each image's augmentation is drawn from its own seed, so a run does not
+    depend on the number of workers or processes, or on where it was resumed. With `skip_bad` (predict) an image
+    that does not decode comes as zeros with a NaN target."""
+    def __init__(self, table, keys, size, transform=None, cache=None, skip_bad=False):
         self.table, self.keys, self.size, self.transform, self.cache = table, list(keys), size, transform, cache
+        self.skip_bad = skip_bad
         n = max(len(table.classes), 1)
         self.targets = torch.stack([torch.as_tensor(table.labels.get(k, np.zeros(n, np.float32))) for k in self.keys]) \
             if self.keys else torch.zeros(0, n)
@@ -249,7 +241,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        img = self.cache[index] if self.cache is not None else decode_image(self.table, self.keys[index], self.size)
+        try:
+            img = self.cache[index] if self.cache is not None else decode_image(self.table, self.keys[index], self.size)
+        except UserError:
+            if not self.skip_bad:
+                raise
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), torch.full_like(self.targets[index], np.nan)
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay untouched
                 if seed is not None:
@@ -261,7 +258,6 @@ class EpochSampler(Sampler):
     """A seeded permutation per epoch, cut into global batches; under torchrun rank r of W takes its slice of
     every global batch, so W processes see what one process sees. Yields (index, augmentation seed) pairs
     (torch's DistributedSampler splits a batch alike, but has no per-image seeds)."""
-
     def __init__(self, n, global_batch, seed, drop_last=True, rank=0, world=1):
         self.n, self.batch, self.seed, self.drop_last = n, global_batch, seed, drop_last
         self.rank, self.world, self.epoch = rank, world, 0
@@ -288,7 +284,6 @@ class EpochSampler(Sampler):
 def cass_augment():
     """The paper's augmentation on uint8 images, in the loader's workers; normalisation runs on the device."""
     from torchvision.transforms import v2 as T
-
     return T.Compose([
         T.RandomApply([T.RandomChoice([T.ColorJitter(0.2, 0.2, 0.2),
                                        T.RandomPerspective(distortion_scale=0.2, p=1.0)])], p=0.3),
@@ -321,7 +316,6 @@ def create_encoder(name, num_classes, kwargs, weights=None):
     through timm), a file (a cnn.pt / vit.pt of this program, or any state_dict of the architecture) or a folder
     in timm's own layout, config.json and model.safetensors (tools/export.py writes one; so does the hub)."""
     import timm
-
     try:
         if weights in (None, "imagenet"):
             with _hub_offline_unless_reachable() if weights else contextlib.nullcontext():
@@ -359,7 +353,6 @@ def encoder_record(model, name, kwargs, arm, cfg, **extra):
 def load_encoder(obj, path="", num_classes=None):
     """Rebuild an encoder_record(); the head is replaced when num_classes differs."""
     import timm
-
     if not isinstance(obj, dict) or obj.get("format") != "cass-encoder":
         raise UserError(f"{path} is not an encoder file written by cass.py (cnn.pt, vit.pt or best.pt)")
     model = timm.create_model(obj["model"], pretrained=False, num_classes=obj["num_classes"], **obj["kwargs"])
@@ -414,12 +407,9 @@ def focal_loss(logits, targets, alpha=1.0, gamma=2.0, class_weights=None):
     return (loss * class_weights.to(loss.device) if class_weights is not None else loss).mean()
 
 def class_weights(counts, kind="inverse"):
-    """Per-class focal-loss weights from the training split's class counts [C].
-
-    inverse (default): N / (C * count), rescaled to mean 1: the rarest class weighs most.
-    paper: the notebooks' min-max normalised counts mapped into [0.2, 1]: the majority class weighs 1.0 and
-        the rarest 0.2, which up-weights the majority. none: no weights.
-    """
+    """Per-class focal-loss weights from the training split's class counts [C]. inverse (default): N / (C * count),
+    rescaled to mean 1: the rarest class weighs most. paper: the notebooks' min-max normalised counts mapped into
+    [0.2, 1]: the majority class weighs 1.0 and the rarest 0.2, which up-weights the majority. none: no weights."""
     counts = torch.as_tensor(counts, dtype=torch.float32).clamp(min=1)
     if kind == "inverse":
         w = counts.sum() / (len(counts) * counts)
@@ -434,7 +424,6 @@ def class_weights(counts, kind="inverse"):
 def classification_metrics(probs, targets, multilabel, classes):
     """scikit-learn's metrics, each named for what it is. probs, targets: [N, C] arrays."""
     from sklearn import metrics as M
-
     probs, targets, labels = np.asarray(probs, dtype=np.float64), np.asarray(targets), list(range(len(classes)))
     if multilabel:
         pred, y = (probs > 0.5).astype(int), targets.astype(int)
@@ -513,11 +502,10 @@ def monitor_loaders(table, splits, cfg, store):
     return loaders if all(len(v.dataset) for v in loaders.values()) else None
 
 def monitor(arms, loaders, rt, baselines=False):
-    """The collapse monitor on the validation queries, for each encoder of `arms` ({"cnn": model, "vit": model}
-    or one of them): the spread, the first principal component's share and the effective rank of the outputs,
-    and the 20-NN accuracy against the bank on the outputs and on the pooled features; with two arms the cosine
-    between them. `baselines`: the majority class's share of the queries and the 20-NN on raw pixels (pooled to
-    at most 64 px), the floor a learned representation must clear."""
+    """The collapse monitor on the validation queries, for each encoder of `arms` ({"cnn": model, "vit": model} or
+    one of them): the spread, the first principal component's share and the effective rank of the outputs, and the
+    20-NN accuracy against the bank on the outputs and on the pooled features; with two arms the cosine between
+    them. `baselines`: the 20-NN on raw pixels (at most 64 px), the floor a learned representation must clear."""
     m, k, z = {}, MONITOR["k"], {}
     for arm, model in arms.items():
         (tf, to, ty), (vf, vo, vy) = encode(model, loaders["train"], rt), encode(model, loaders["val"], rt)
@@ -533,7 +521,6 @@ def monitor(arms, loaders, rt, baselines=False):
         def pixels(loader):
             x = torch.cat([x for x, _ in loader]).float()
             return F.adaptive_avg_pool2d(x, min(x.shape[-1], 64)).flatten(1)
-
         m["knn_raw_pixels"] = knn_accuracy(pixels(loaders["train"]), ty, pixels(loaders["val"]), vy, k)
     return m
 
@@ -544,8 +531,7 @@ def collapse_warning(r, out_dim):
     said = [f"the {' and '.join(low)} outputs spread below a tenth of 1/sqrt(dim)"] if low else []
     agree = max(r.get("cos_cnn_vit", 0), r.get("val_cos", 0)) > 0.99
     said += ["the arms agree to a cosine above 0.99"] if agree else []
-    return f"COLLAPSE: {'; '.join(said)}: a low loss means nothing here (README, 'When a run collapses')" \
-        if said else ""
+    return f"COLLAPSE: {'; '.join(said)}: a low loss means nothing (README, 'When a run collapses')" if said else ""
 
 # ==== Pretraining (paper B.1): two encoders, one Adam, cosine schedule, SWA ======================================
 
@@ -609,7 +595,6 @@ def pretrain(cfg, store=None):
         raise UserError(f"--batch-size {cfg['batch_size']} (the global batch) is not divisible by the {rt.world} "
                         "processes")
     torch.manual_seed(cfg["seed"])
-
     # -- data: the whole training split, labels unused (paper B.1.1) ---------------------------
     table = load_table(cfg["data"], cfg["root"])
     splits, cfg["splits"] = load_splits(cfg, table)
@@ -622,7 +607,6 @@ def pretrain(cfg, store=None):
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
     mon = monitor_loaders(table, splits, cfg, store) if rt.rank == 0 else None
-
     # -- encoders, optimiser, schedule, SWA ------------------------------------------------------
     cnn, vit = (to_device(m, rt, cfg[arm]) for m, arm in zip(build_pair(cfg), ("cnn", "vit")))
     optimizer = make_adam([*cnn.parameters(), *vit.parameters()], cfg["lr"])  # one Adam, both encoders
@@ -630,12 +614,13 @@ def pretrain(cfg, store=None):
     swa_cnn, swa_vit = torch.optim.swa_utils.AveragedModel(cnn), torch.optim.swa_utils.AveragedModel(vit)
     state = dict(cnn=cnn, vit=vit, optimizer=optimizer, scheduler=scheduler, scaler=scaler, swa_cnn=swa_cnn,
                  swa_vit=swa_vit)
-    start = restore(state, out, rt)["epoch"] if cfg["resume"] else 0
+    saved = restore(state, out) if cfg["resume"] else None
+    start = saved["epoch"] if saved else 0
     train_cnn, train_vit = wrap_ddp(cnn, rt, cfg["sync_bn"]), wrap_ddp(vit, rt)
     if cfg["compile"]:
         train_cnn, train_vit = torch.compile(train_cnn), torch.compile(train_vit)
 
-    with claim_run_folder(out, cfg, rt, splits, table):
+    with claim_run_folder(out, cfg, rt, splits, table, saved):
         if rt.rank == 0:
             print(f"CASS pretraining ({cfg['objective']}): {cfg['cnn']} + {cfg['vit']}, {len(train)} images at "
                   f"{cfg['img_size']} px, splits {cfg['splits']}, {cfg['epochs']} epochs, global batch "
@@ -645,7 +630,6 @@ def pretrain(cfg, store=None):
             m = monitor(dict(cnn=cnn, vit=vit), mon, rt, baselines=True)
             append_jsonl(dict(epoch=0, phase="init", **m), out / "log.jsonl")
             print(format_monitor(m, "epoch   0 (init)"))
-
         # -- the loop: an epoch, SWA, the monitor, one log line and last.pt -------------------------
         epoch = start
         try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
@@ -669,7 +653,6 @@ def pretrain(cfg, store=None):
                     save_run(state, out, epoch + 1, cfg)
         except KeyboardInterrupt:
             raise interrupted(out, epoch) from None
-
         # -- the result: the averaged encoders, BatchNorm statistics recomputed for the averaged CNN ---
         if rt.rank == 0:
             if swa_cnn.n_averaged > 0:
@@ -738,28 +721,9 @@ def finetune_epoch(model, loader, optimizer, scaler, weights, rt, cfg, prep, des
             bar.note(f"loss {mean:.4f}")
     return mean
 
-class EarlyStopping:
-    """Stop when the validation loss has not improved for `patience` epochs (paper 4.2)."""
-
-    def __init__(self, patience):
-        self.patience, self.best, self.best_epoch, self.bad = patience, math.inf, -1, 0
-
-    def step(self, val_loss, epoch):
-        """Record an epoch; True when it is the best so far."""
-        improved = val_loss < self.best
-        self.best, self.best_epoch, self.bad = (val_loss, epoch, 0) if improved else (self.best, self.best_epoch,
-                                                                                      self.bad + 1)
-        return improved
-
-    @property
-    def should_stop(self):
-        return self.bad >= self.patience
-
-    def state_dict(self):
-        return dict(best=self.best, best_epoch=self.best_epoch, bad=self.bad)
-
-    def load_state_dict(self, state):
-        self.best, self.best_epoch, self.bad = state["best"], state["best_epoch"], state["bad"]
+def early_stopping(stop, val_loss, epoch):
+    """Early stopping on the validation loss (paper 4.2): {best, best_epoch, bad (epochs since)} after an epoch."""
+    return dict(best=val_loss, best_epoch=epoch, bad=0) if val_loss < stop["best"] else {**stop, "bad": stop["bad"] + 1}
 
 def fold_standardisation(head, mean, std):
     """A linear head trained on (x - mean) / std, made to take x itself: W' = W / std, b' = b - W' mean."""
@@ -799,14 +763,13 @@ def init_encoder(cfg, num_classes):
                             "vit.pt (the last two are written when `cass.py pretrain` ends)")
         path = path / f"{arm}.pt"
     obj = load_checkpoint(path, "--init")
-    if not isinstance(obj, dict) or obj.get("format") != "cass-encoder":
-        raise UserError(f"--init {path} is not an encoder file written by cass.py pretrain (cnn.pt or vit.pt)")
+    model = load_encoder(obj, f"--init {path}", num_classes)  # refuses a file of another kind
     if arm and obj["arm"] != arm:
         raise UserError(f"--init {path} holds the {obj['arm']} arm but --arm is {arm}")
     if is_vit(obj["model"]) and obj["kwargs"].get("img_size") != cfg["img_size"]:
         raise UserError(f"--init {path} is a ViT built for {obj['kwargs'].get('img_size')} px but --img-size is "
                         f"{cfg['img_size']}; drop --img-size or use {obj['kwargs'].get('img_size')}")
-    return load_encoder(obj, path, num_classes), obj["model"], obj["kwargs"], obj["arm"]
+    return model, obj["model"], obj["kwargs"], obj["arm"]
 
 def finetune(cfg, store=None):
     """Fine-tune one arm on a fraction of the labels with a resolved config (`resolve`); returns the run folder."""
@@ -826,7 +789,6 @@ def finetune(cfg, store=None):
                              f"{cfg['label_fraction'] * 100:g}pct-{cfg['mode']}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_run_folder(out, cfg["resume"])
     torch.manual_seed(cfg["seed"])
-
     # -- data -------------------------------------------------------------------------------------
     table = load_table(cfg["data"], cfg["root"])
     if len(table.classes) < 2:
@@ -835,16 +797,18 @@ def finetune(cfg, store=None):
     splits, cfg["splits"] = load_splits(cfg, table)
     keys = {s: [k for k in splits[f] if k in table.labels] for s, f in (("train", split_name), ("val", "val"),
                                                                        ("test", "test"))}
-    for s, k in keys.items():
-        if not k:
-            raise UserError(f"the {s} split ({cfg['splits']}) has no labelled images")
+    for s, k in keys.items():  # a class without a training image cannot be learned
+        absent = [c for c, n in zip(table.classes, np.sum([table.labels[x] for x in k], axis=0)) if n == 0] if k else []
+        if not k or s == "train" and absent:
+            raise UserError(f"the {split_name if s == 'train' else s} split ({cfg['splits']}) has no labelled image" + (
+                f" of {', '.join(absent[:10])}: the model cannot learn them; add images of them, or leave them out of "
+                "the data" if k else "s"))
     size = cfg["img_size"]
     cached = {s: decode_all(table, k, cfg, store) for s, k in keys.items()}
     train_ds = ImageDataset(table, keys["train"], size, cass_augment(), cached["train"])  # paper B.2.1
     eval_ds = {s: ImageDataset(table, keys[s], size, cache=cached[s]) for s in ("val", "test")}
     weights = class_weights(train_ds.targets.sum(0), cfg["class_weights"])
     weights = weights.to(rt.device) if weights is not None else None
-
     # -- model ------------------------------------------------------------------------------------
     model, name, kw, cfg["arm"] = init_encoder(cfg, len(table.classes))
     model = to_device(model, rt, name)
@@ -871,19 +835,21 @@ def finetune(cfg, store=None):
     sampler = EpochSampler(len(train_ds), batch, cfg["seed"], drop_last=cfg["mode"] == "full" and len(train_ds) > batch)
     train_loader = make_loader(train_ds, sampler, batch, workers, rt)
     optimizer = make_adam(trainable.parameters(), cfg["lr"])
-    scheduler, scaler, stopper = cosine_schedule(optimizer, cfg), rt.scaler(), EarlyStopping(cfg["patience"])
-    state = dict(trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler, early_stopping=stopper)
-    saved = restore(state, out, rt) if cfg["resume"] else dict(epoch=0, best=clone(trainable))
-    best, headline = saved["best"], HEADLINE.get(cfg["data"], "f1_macro")
+    scheduler, scaler = cosine_schedule(optimizer, cfg), rt.scaler()
+    state = dict(trainable=trainable, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    saved = restore(state, out) if cfg["resume"] else None
+    start, best, stop = (saved["epoch"], saved["best"], saved["early_stopping"]) if saved else \
+        (0, clone(trainable), dict(best=math.inf, best_epoch=-1, bad=0))
+    headline = HEADLINE.get(cfg["data"], "f1_macro")
 
-    with claim_run_folder(out, cfg, rt, splits if cfg["splits"] == "auto" else None, table):
+    with claim_run_folder(out, cfg, rt, splits, table, saved):
         print(f"fine-tuning {name} ({cfg['arm']} arm, init {cfg['init']}, {cfg['mode']}) on {len(train_ds)} labelled "
               f"images ({split_name}) at {size} px, {len(table.classes)} classes, at most {cfg['epochs']} epochs, "
               f"splits {cfg['splits']}; run folder {out}")
-        epoch = saved["epoch"]
+        epoch = start
         try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
-            for epoch in range(saved["epoch"], cfg["epochs"]):
-                if stopper.should_stop:
+            for epoch in range(start, cfg["epochs"]):
+                if stop["bad"] >= cfg["patience"]:
                     break
                 sampler.set_epoch(epoch)
                 t0 = time.perf_counter()
@@ -895,23 +861,22 @@ def finetune(cfg, store=None):
                 val_loss = float(focal_loss(logits, targets, cfg["focal_alpha"], cfg["focal_gamma"], weights))
                 val = classification_metrics(probabilities(logits, table.multilabel).numpy(), targets.numpy(),
                                              table.multilabel, table.classes)[headline]
-                if stopper.step(val_loss, epoch + 1):
-                    best = clone(trainable)
+                stop = early_stopping(stop, val_loss, epoch + 1)
+                best = clone(trainable) if stop["best_epoch"] == epoch + 1 else best
                 speed = len(sampler) / seconds
                 append_jsonl(dict(epoch=epoch + 1, train_loss=loss, val_loss=val_loss, **{f"val_{headline}": val},
                                   lr=optimizer.param_groups[0]["lr"], seconds=seconds, images_per_s=speed,
-                                  best_epoch=stopper.best_epoch), out / "log.jsonl")
+                                  best_epoch=stop["best_epoch"]), out / "log.jsonl")
                 print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {loss:.4f}  val loss {val_loss:.4f}  val "
-                      f"{headline} {val:.4f}  {speed:.1f} img/s{'  *best' if stopper.best_epoch == epoch + 1 else ''}")
-                save_run(state, out, epoch + 1, cfg, best=best)
+                      f"{headline} {val:.4f}  {speed:.1f} img/s{'  *best' if stop['best_epoch'] == epoch + 1 else ''}")
+                save_run(state, out, epoch + 1, cfg, best=best, early_stopping=stop)
         except KeyboardInterrupt:
             raise interrupted(out, epoch) from None
-
         # -- the best epoch's weights, evaluated as `evaluate` will ---------------------------------
         trainable.load_state_dict(best)
         if cfg["mode"] == "linear":
             fold_standardisation(trainable, mean, std)
-        results = dict(best_epoch=stopper.best_epoch, headline=headline)
+        results = dict(best_epoch=stop["best_epoch"], headline=headline)
         for s in ("val", "test"):
             logits, targets = logits_of(model, make_loader(eval_ds[s], None, cfg["batch_size"], cfg["workers"], rt), rt,
                                         normalize)
@@ -919,9 +884,9 @@ def finetune(cfg, store=None):
                                                 table.multilabel, table.classes)
         atomic_write(out / "best.pt", encoder_record(model, name, kw, cfg["arm"], cfg, classes=list(table.classes),
                                                      multilabel=table.multilabel, data=cfg["data"], img_size=size,
-                                                     headline=headline, best_epoch=stopper.best_epoch))
+                                                     headline=headline, best_epoch=stop["best_epoch"]))
         write_json(results, out / "metrics.json")
-        finish_run(out, cfg, f"best epoch {stopper.best_epoch}: val {headline} {results['val'][headline]:.4f}, test "
+        finish_run(out, cfg, f"best epoch {stop['best_epoch']}: val {headline} {results['val'][headline]:.4f}, test "
                              f"{headline} {results['test'][headline]:.4f}; wrote {out}/best.pt and metrics.json")
     return out
 
@@ -951,12 +916,13 @@ def load_model(path, device="cpu"):
     model = load_encoder(obj, path).to(device).eval()
     return model, lambda img: normalize(image_tensor(img, obj["img_size"])[None]).to(device), obj["classes"]
 
-def ensemble_probabilities(ckpts, table, keys, rt, workers):
+def ensemble_probabilities(ckpts, table, keys, rt, workers, skip_bad=False):
     """The mean probability of fine-tuned models over the images `keys` (an ensemble of one or more)."""
     probs = 0
     for path, obj in ckpts:
         model = to_device(load_encoder(obj, path), rt, obj["model"])
-        loader = make_loader(ImageDataset(table, keys, obj["img_size"]), None, obj["config"]["batch_size"], workers, rt)
+        loader = make_loader(ImageDataset(table, keys, obj["img_size"], skip_bad=skip_bad), None,
+                             obj["config"]["batch_size"], workers, rt)
         logits, targets = logits_of(model, loader, rt, normalize)
         probs = probs + probabilities(logits, table.multilabel) / len(ckpts)
     return probs, targets
@@ -965,6 +931,8 @@ def evaluate(cfg):
     """Metrics of one fine-tuned checkpoint, or of the ensemble of several, on a split."""
     rt = make_runtime(cfg["device"], "auto")
     ckpts = [load_finetuned(p) for p in cfg["ckpt"]]
+    if cfg["out"]:
+        check_output(Path(cfg["out"]), [p for p, _ in ckpts], cfg["overwrite"])
     first = ckpts[0][1]["config"]
     data = cfg["data"] or first["data"]
     same = data == first["data"]  # the checkpoint's own dataset: its root and splits are the defaults
@@ -981,61 +949,63 @@ def evaluate(cfg):
     probs, targets = ensemble_probabilities(ckpts, table, keys, rt, cfg["workers"])
     metrics = classification_metrics(probs.numpy(), targets.numpy(), table.multilabel, table.classes)
     headline = HEADLINE.get(data, "f1_macro")
+    result = dict(ckpts=[str(p) for p, _ in ckpts], split=cfg["split"], data=data, headline=headline, **metrics)
+    if cfg["out"]:
+        write_json(result, cfg["out"])  # saved before anything else can fail
     print(f"{'ensemble of ' + str(len(ckpts)) if len(ckpts) > 1 else ckpts[0][0]} on the {cfg['split']} split "
           f"({len(keys)} images)\n  {headline:<24} {metrics[headline]:.4f}   (headline)")
     print("".join(f"  {k:<24} {v:.4f}\n" for k, v in metrics.items() if isinstance(v, float) and k != headline), end="")
     for c, v in (metrics.get("per_class") or metrics.get("per_label_f1")).items():
         print(f"  {c:<24} " + (f"precision {v['precision']:.3f}  recall {v['recall']:.3f}  f1 {v['f1']:.3f}  n "
                                 f"{v['support']}" if isinstance(v, dict) else f"f1 {v:.3f}"))
-    result = dict(ckpts=[str(p) for p, _ in ckpts], split=cfg["split"], data=data, headline=headline, **metrics)
-    if cfg["out"]:
-        write_json(result, cfg["out"])
     return result
 
 def predict(cfg):
-    """Per-class probabilities and the predicted label of new images (a folder, searched recursively, or a CSV
-    with an `image` column), preprocessed as in evaluation, written as a CSV."""
+    """Per-class probabilities and the predicted label of new images (a folder, by image_files, or a CSV with an
+    `image` column) as evaluation sees them, in a CSV; those that do not decode are named at the end (exit 2)."""
     rt = make_runtime(cfg["device"], "auto")
     ckpts = [load_finetuned(p) for p in cfg["ckpt"]]
+    source, out = Path(cfg["images"]), Path(cfg["out"] or "predictions.csv")
+    check_output(out, [source, *(p for p, _ in ckpts)], cfg["overwrite"])
     classes, multilabel = ckpts[0][1]["classes"], ckpts[0][1]["multilabel"]
     if any(list(o["classes"]) != list(classes) for _, o in ckpts):
         raise UserError("the --ckpt files were made for different classes; an ensemble needs the same ones")
-    source = Path(cfg["images"])
     if source.is_dir():
-        keys = [str(p.relative_to(source)) for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        keys = [str(p.relative_to(source)) for p in image_files(source)]
         table = Table("predict", classes, multilabel, {}, keys, image_dir=str(source))
     elif source.is_file():
         table = replace(table_csv(source, "predict"), classes=classes, multilabel=multilabel, labels={})
     else:
         raise UserError(f"--images {source} is neither a folder of images nor a CSV file")
-    missing = missing_images(table, table.keys)
-    if not table.keys or missing:
-        raise UserError(f"--images {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-                        if not table.keys else
-                        f"{len(missing)} of the {len(table.keys)} images that {source} lists are missing (first: "
-                        f"{table.path(missing[0])})")
-    probs, _ = ensemble_probabilities(ckpts, table, table.keys, rt, cfg["workers"])
+    if not table.keys:
+        raise UserError(f"--images {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    probs, targets = ensemble_probabilities(ckpts, table, table.keys, rt, cfg["workers"], skip_bad=True)
+    bad = [str(table.path(k)) for k, y in zip(table.keys, targets) if y.isnan().any()]
     rows = [["image", *classes, "predicted"]]
-    for key, p in zip(table.keys, probs.tolist()):
+    for key, p, y in zip(table.keys, probs.tolist(), targets):
         label = ";".join(c for c, v in zip(classes, p) if v > 0.5) if multilabel else classes[int(np.argmax(p))]
-        rows.append([str(table.path(key)), *(f"{v:.6f}" for v in p), label])
-    out = Path(cfg["out"] or "predictions.csv")
-    atomic_write(out, "".join(",".join(r) + "\n" for r in rows).encode())
-    print(f"wrote the predictions for {len(table.keys)} images to {out}")
+        rows += [] if y.isnan().any() else [[str(table.path(key)), *(f"{v:.6f}" for v in p), label]]
+    write_csv(rows, out)
+    print(f"wrote the predictions for {len(rows) - 1} images to {out}")
+    if bad:
+        raise UserError(f"{len(bad)} of the {len(table.keys)} images cannot be read and have no prediction in {out}: "
+                        f"{', '.join(bad)}; remove or replace them")
     return out
 
 def make_split_files(cfg):
     """The `splits` command: split files of a dataset, from its images on disk or from a complete listing."""
+    if not cfg["out"]:
+        raise UserError(f"splits needs --out, the folder to write (to replace the committed files, name them: --out "
+                        f"{HERE / 'data_splits' / cfg['data']})")
     if cfg["data"] == "brain_mri" and cfg["listing"]:
         table = table_brain_mri(Path("."), [line.strip() for line in open(cfg["listing"]) if line.strip()])
     elif cfg["data"] == "isic2019" and cfg["listing"]:
         table = table_isic2019(Path("."), cfg["listing"])
     else:
         table = load_table(cfg["data"], cfg["root"])
-    out = Path(cfg["out"] or HERE / "data_splits" / cfg["data"])
     splits = make_splits(table, seed=0)
-    write_splits(table, splits, out)
-    print(f"wrote {', '.join(f'{k} {len(v)}' for k, v in splits.items())} to {out}")
+    write_splits(table, splits, cfg["out"])
+    print(f"wrote {', '.join(f'{k} {len(v)}' for k, v in splits.items())} to {cfg['out']}")
 
 # ==== Dataset layouts: each reader returns a Table ===============================================================
 
@@ -1062,26 +1032,39 @@ def write_splits(table, splits, folder):
             y = table.labels.get(k)
             rows.append([k] + ([""] * (len(header) - 1) if y is None else [str(int(v)) for v in y]
                                if table.multilabel else [table.classes[int(np.argmax(y))]]))
-        atomic_write(Path(folder) / f"{name}.csv", "".join(",".join(r) + "\n" for r in rows).encode())
+        write_csv(rows, Path(folder) / f"{name}.csv")
+
+def write_csv(rows, path):
+    """Rows with the csv module's quoting (a file name may hold a comma), written atomically."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    atomic_write(path, text.getvalue().encode())
+
+def image_files(folder):
+    """The one rule for a folder of images, in every reader and in predict: its image files and those of its
+    subfolders, at any depth, sorted; a file or folder whose name starts with a dot is skipped."""
+    return [p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and
+            not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 def _class_folders(root, folders, name, layout):
-    """A Table of <class>/<image> trees: paths relative to `root`, the class from the parent folder."""
+    """A Table of <class>/<images> trees: paths relative to `root`, the class from the folder under `folders`."""
     rel = []
     for folder in folders:
-        for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-            files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = image_files(sub)
             if not files:
                 raise UserError(f"class folder {sub} holds no images; remove it or add images (--data {name} expects "
                                 f"{layout})")
             rel += [str(f.relative_to(root)) for f in files]
-    return _labelled_paths(root, rel, name, layout)
+    return _labelled_paths(root, rel, name, layout, depth=len(Path(folders[0]).relative_to(root).parts))
 
-def _labelled_paths(root, rel, name, layout):
-    classes = sorted({Path(p).parts[-2] for p in rel})
+def _labelled_paths(root, rel, name, layout, depth):
+    """The class of a path is its folder `depth` levels below `root`."""
+    classes = sorted({Path(p).parts[depth] for p in rel})
     if not classes:
         raise UserError(f"no images found under {root}; --data {name} expects {layout}")
     eye = np.eye(len(classes), dtype=np.float32)
-    labels = {p: eye[classes.index(Path(p).parts[-2])] for p in rel}
+    labels = {p: eye[classes.index(Path(p).parts[depth])] for p in rel}
     return Table(name, classes, False, labels, rel, image_dir=str(root))
 
 def table_brain_mri(root, listing=None):
@@ -1089,43 +1072,51 @@ def table_brain_mri(root, listing=None):
     root = Path(root)
     if listing is None and not ((root / "Training").is_dir() and (root / "Testing").is_dir()):
         raise UserError(f"{root} is not in the brain_mri layout: expected {layout}")
-    table = _labelled_paths(root, listing, "brain_mri", layout) if listing is not None else \
+    table = _labelled_paths(root, listing, "brain_mri", layout, 1) if listing is not None else \
         _class_folders(root, [root / "Training", root / "Testing"], "brain_mri", layout)
     table.given["test"] = [k for k in table.keys if k.startswith("Testing/")]  # the curators' split, paper 4.3
     return table
 
 def table_folder(root):
-    layout = "ROOT/<class>/<image> (one folder per class)"
+    layout = "ROOT/<class>/<images> (one folder per class; images in its subfolders count)"
     if not Path(root).is_dir():
         raise UserError(f"--root {root} is not a folder; --data folder expects {layout}")
     return _class_folders(Path(root), [Path(root)], "folder", layout)
 
 def read_csv(path):
+    """A CSV as (header, rows, the line of each row), as spreadsheets export them: a byte-order mark, blank lines,
+    spaces around cells and `Image` or `Label` spelled in capitals are accepted."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read CSV {path}: {e}") from None
-    if not rows or not rows[0]:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            lines = [(n, [c.strip() for c in r]) for n, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot read CSV {path} ({type(e).__name__}: {e}); it should be UTF-8 text") from None
+    if not lines:
         raise UserError(f"CSV {path} is empty")
-    return rows[0], rows[1:]
+    header = [h.lower() if h.lower() in ("image", "label") else h for h in lines[0][1]]
+    return header, [r for _, r in lines[1:]], [n for n, _ in lines[1:]]
 
-def _csv_labels(path, header, rows):
-    """Labels from a `label` column (class names) or one 0/1 column per class; empty cells: unlabelled."""
+def _csv_labels(path, header, rows, lines):
+    """Labels from a `label` column (class names) or one 0/1 column per class; empty cells: unlabelled. An image
+    listed twice with different labels is refused."""
     if header[0] != "image":
-        raise UserError(f"CSV {path} must start with an 'image' column; its header is {header[:5]}")
-    if len(header) == 1:
-        return [], False, {}
+        raise UserError(f"CSV {path} must start with an 'image' column; its header is {','.join(header[:5])}")
+    first = {}  # image -> its first row
+    for i, r in enumerate(rows):
+        if rows[first.setdefault(r[0], i)][1:] != r[1:]:
+            raise UserError(f"CSV {path} lists {r[0]} twice with different labels (lines {lines[first[r[0]]]} and "
+                            f"{lines[i]}); keep the right one")
     if header[1:] == ["label"]:
         names = sorted({r[1] for r in rows if len(r) > 1 and r[1] != ""})
         eye = np.eye(len(names), dtype=np.float32)
         return names, False, {r[0]: eye[names.index(r[1])] for r in rows if len(r) > 1 and r[1] != ""}
     labels = {}
-    for i, r in enumerate(rows):
+    for n, r in zip(lines, rows):
         if len(r) == len(header) and all(v == "" for v in r[1:]):
             continue  # an unlabelled image (pretraining only)
         if len(r) != len(header) or any(v not in ("0", "1", "0.0", "1.0") for v in r[1:]):
-            raise UserError(f"CSV {path}, row {i + 2}: the label columns {header[1:6]} must hold 0 or 1, got {r[1:6]}")
+            raise UserError(f"CSV {path}, line {n}: the label columns ({','.join(header[1:6])}) must hold 0 or 1, "
+                            f"found {','.join(r[1:6]) or 'nothing'}")
         labels[r[0]] = np.array([float(v) for v in r[1:]], dtype=np.float32)
     return header[1:], any(v.sum() != 1 for v in labels.values()), labels
 
@@ -1134,42 +1125,36 @@ def table_csv(root, name="csv"):
     if not path.is_file():
         raise UserError(f"--root {path} is not a file; --data {name} expects a CSV of 'image' paths (relative to the "
                         "CSV, or absolute) plus a 'label' column or one 0/1 column per class")
-    header, rows = read_csv(path)
-    classes, multilabel, labels = _csv_labels(path, header, rows)
-    return Table(name, classes, multilabel, labels, [r[0] for r in rows], image_dir=str(path.parent))
+    header, rows, lines = read_csv(path)
+    classes, multilabel, labels = _csv_labels(path, header, rows, lines)
+    return Table(name, classes, multilabel, labels, list(dict.fromkeys(r[0] for r in rows)), image_dir=str(path.parent))
 
 def table_isic2019(root, gt_csv=None):
     gt_csv = Path(gt_csv or Path(root) / "ISIC_2019_Training_GroundTruth.csv")
     if not gt_csv.is_file():
         raise UserError(f"{gt_csv} does not exist; --data isic2019 expects ROOT/ISIC_2019_Training_Input/ISIC_*.jpg "
                         "and ROOT/ISIC_2019_Training_GroundTruth.csv")
-    header, rows = read_csv(gt_csv)
+    header, rows, lines = read_csv(gt_csv)
     n = 1 + len(ISIC_CLASSES)
     if header[:n] != ["image", *ISIC_CLASSES]:
         raise UserError(f"{gt_csv} has the columns {','.join(header[:10])}; the ISIC 2019 ground truth has "
                         f"image,{','.join(ISIC_CLASSES)},UNK (UNK, empty in the training set, may be left out)")
-    classes, _, labels = _csv_labels(gt_csv, header[:n], [r[:n] for r in rows])
+    classes, _, labels = _csv_labels(gt_csv, header[:n], [r[:n] for r in rows], lines)
     bad = [k for k, v in labels.items() if v.sum() != 1]
     if bad:
-        raise UserError(f"{gt_csv}: {len(bad)} rows are not one-hot, e.g. {bad[:3]}")
-    return Table("isic2019", classes, False, labels, [r[0] for r in rows],
+        raise UserError(f"{gt_csv}: {len(bad)} rows are not one-hot, e.g. {', '.join(bad[:3])}")
+    return Table("isic2019", classes, False, labels, list(dict.fromkeys(r[0] for r in rows)),
                  image_dir=str(Path(root) / "ISIC_2019_Training_Input"), suffix=".jpg")
-
-def table_autoimmune(root):
-    path = Path(root) / "labels.csv"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; --data autoimmune expects ROOT/labels.csv (column 'image', then one "
-                        "0/1 column per label) with the images beside it")
-    return replace(table_csv(path, "autoimmune"), multilabel=True)  # multi-label even where a row has one label
 
 def table_medmnist(root):
     try:
-        npz = np.load(root)
+        npz = np.load(root)  # a zip of arrays; never pickles (a file that needs them is no MedMNIST file)
         arrays = {s: npz[f"{s}_images"] for s in ("train", "val", "test")}
         raw = {s: np.asarray(npz[f"{s}_labels"]) for s in ("train", "val", "test")}
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"--root {root} is not a MedMNIST .npz with keys train_images, train_labels, val_images, ... "
-                        f"({e})") from None
+    except Exception as e:
+        found = f"it has no array {e}" if isinstance(e, KeyError) else "damaged, or another kind of file"
+        raise UserError(f"--root {root} is not a readable MedMNIST .npz ({found}); --data medmnist expects the arrays "
+                        "train_images, train_labels, val_images, val_labels, test_images, test_labels") from None
     flat = {s: (y.reshape(-1) if y.ndim == 1 or y.shape[1] == 1 else y) for s, y in raw.items()}
     multilabel = flat["train"].ndim == 2
     n_cls = flat["train"].shape[1] if multilabel else int(max(y.max() for y in flat.values())) + 1
@@ -1181,15 +1166,15 @@ def table_medmnist(root):
 
 def table_digits(root=None):
     from sklearn.datasets import load_digits  # ships inside scikit-learn: no download
-
     d = load_digits()
     keys = [f"digits/{i}" for i in range(len(d.images))]
     images = np.round(d.images * (255 / 16)).astype(np.uint8)  # [1797, 8, 8], 0..16 -> 0..255
     return Table("digits", [str(c) for c in range(10)], False,
                  {k: np.eye(10, dtype=np.float32)[y] for k, y in zip(keys, d.target)}, keys, arrays={"digits": images})
 
-DATASETS = dict(digits=table_digits, brain_mri=table_brain_mri, isic2019=table_isic2019, autoimmune=table_autoimmune,
-                folder=table_folder, csv=table_csv, medmnist=table_medmnist)
+DATASETS = dict(digits=table_digits, brain_mri=table_brain_mri, isic2019=table_isic2019, folder=table_folder,
+                csv=table_csv, medmnist=table_medmnist,  # autoimmune: ROOT/labels.csv, multi-label even with one label
+                autoimmune=lambda root: replace(table_csv(Path(root) / "labels.csv", "autoimmune"), multilabel=True))
 
 def load_table(data, root):
     if data != "digits" and root is None:
@@ -1203,7 +1188,6 @@ def load_table(data, root):
 @dataclass
 class Runtime:
     """Device, autocast precision and torchrun's processes, decided once: the loops do not branch on them."""
-
     device: torch.device
     amp_dtype: torch.dtype = None  # None: fp32
     rank: int = 0
@@ -1267,7 +1251,6 @@ def decode_all(table, keys, cfg, store=None):
 def _hub_offline_unless_reachable(timeout=5.0):
     """Offline, timm's download retries for a minute: use the local cache alone and fail at once."""
     import huggingface_hub.constants as hub
-
     url, was = urlparse(hub.ENDPOINT), hub.HF_HUB_OFFLINE
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -1292,17 +1275,20 @@ def read_stats(values, rt, where):
     return values
 
 def atomic_write(path, data):
-    """bytes, or an object for torch.save, written to a temporary file and renamed: a process killed at any
-    moment leaves the old file or the new one, never half of one."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        if isinstance(data, bytes):
-            f.write(data)
-        else:
-            torch.save(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """bytes, or an object for torch.save, written to a temporary file and renamed: a kill leaves no half file."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")  # one a killed process left: claim_run_folder
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data) if isinstance(data, bytes) else torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); free space or choose another --out") from None
+        raise
 
 def write_json(obj, path):
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
@@ -1311,20 +1297,23 @@ def append_jsonl(obj, path):
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
 
-def load_checkpoint(path, what="checkpoint"):
+def load_checkpoint(path, what="checkpoint", advice="give a file that cass.py wrote"):
     if not Path(path).is_file():
         raise UserError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{what} {path} is not a file written by cass.py ({type(e).__name__})") from None
+        raise UserError(f"{what} {path} is damaged or was not written by cass.py ({type(e).__name__}); {advice}") \
+            from None
 
 def claim(lock):
     """Create `lock` holding this process's id, unless a live process holds it (then None); a lock left by a
     process that died is taken over. Keeps two runs out of one folder, and lets tools/protocol.py share a grid."""
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(str(os.getpid()))
+            return Path(lock)
         except FileExistsError:
             try:
                 pid = int(Path(lock).read_text() or 0)
@@ -1336,25 +1325,36 @@ def claim(lock):
             except PermissionError:
                 return None  # alive, another user's
             Path(lock).unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return Path(lock)
     return None
 
 def check_run_folder(out, resume):
-    """Before any work: --resume needs a last.pt, and a folder that holds a run is never written over."""
+    """Before any work: a folder that can be written; --resume needs a last.pt; a run's folder is never written over."""
+    check_output(out, folder=True)
+    finished = any((out / f).exists() for f in ("cnn.pt", "vit.pt", "best.pt", "metrics.json"))
     if resume and not (out / "last.pt").is_file():
-        raise UserError(f"--resume: {out}/last.pt does not exist, so there is nothing to resume (a finished run "
-                        "removes it unless --keep-last); drop --resume to start a new run")
-    if not resume and any((out / f).exists() for f in ("last.pt", "cnn.pt", "vit.pt", "best.pt", "metrics.json")):
-        raise UserError(f"{out} already holds a run; continue it with --resume (where it has a last.pt), or choose "
-                        "another --out")
+        raise UserError(f"--resume: {out} holds a finished run, whose last.pt went when it ended; to train longer, "
+                        "start a new run with another --out (and --keep-last, to resume that one later)" if finished
+                        else f"--resume: {out} holds no last.pt, so there is nothing to resume; drop --resume")
+    if not resume and (finished or (out / "last.pt").exists()):
+        raise UserError(f"{out} already holds a run; choose another --out" + ("" if finished else " (or continue this "
+                        "one with --resume)"))
+
+def check_output(path, inputs=(), overwrite=False, folder=False):
+    """Before any work: `path` (a file, or a run folder) can be written, is none of the `inputs` and, without
+    --overwrite, replaces no earlier result."""
+    where = next(p for p in (path, *path.parents) if p.is_dir())  # the folder it is made in, or itself
+    why = ("is one of this command's inputs" if any(path.resolve() == Path(p).resolve() for p in inputs) else
+           "is a file, not a folder" if folder and path.is_file() else "is a folder" if not folder and path.is_dir()
+           else f"is in {path.parent}, which does not exist" if not folder and not path.parent.is_dir() else
+           f"is in {where}, which cannot be written" if not os.access(where, os.W_OK) else
+           "exists (add --overwrite to replace it)" if not folder and path.exists() and not overwrite else "")
+    if why:
+        raise UserError(f"--out {path} {why}; give another --out")
 
 @contextlib.contextmanager
-def claim_run_folder(out, cfg, rt, splits=None, table=None):
-    """The run folder, made once the checks have passed and held by a lock file while the run lasts; it gets the
-    splits the run uses (for finetune --init and evaluate) and args.json, the resolved config."""
+def claim_run_folder(out, cfg, rt, splits, table, saved=None):
+    """The run folder, made once the checks have passed and held by a lock file while the run lasts (nothing in it is
+    touched before); it gets the run's splits and args.json. `saved`: what restore() read from last.pt."""
     if rt.rank != 0:
         yield
         return
@@ -1364,40 +1364,40 @@ def claim_run_folder(out, cfg, rt, splits=None, table=None):
         raise UserError(f"{out} is in use by another running process (pid {(out / 'run.lock').read_text()}); wait for "
                         "it or choose another --out")
     try:
-        if splits is not None and not cfg["resume"]:
+        for tmp in (*out.glob(".*.tmp*"), *out.glob("splits/.*.tmp*")):  # a killed process's half-written files
+            tmp.unlink()
+        log = out / "log.jsonl"  # a kill between a log line and last.pt leaves lines too many; a new run: none
+        if log.exists():
+            atomic_write(log, "".join(open(log).readlines()[:saved["log_lines"] if saved else 0]).encode())
+        if saved:
+            print(f"resuming {out} after epoch {saved['epoch']}")
+        else:
             write_splits(table, splits, out / "splits")
-        if not cfg["resume"]:
-            (out / "log.jsonl").unlink(missing_ok=True)  # of a run that stopped before its first epoch ended
         write_json(cfg, out / "args.json")
         yield
     finally:
         lock.unlink(missing_ok=True)
 
 def save_run(state, out, epoch, cfg, **extra):
-    """last.pt, after every epoch: every state_dict, the random state, the epochs done, the config and how many
-    lines log.jsonl held (a run folder may hold several passes: tools/dino.py)."""
+    """last.pt after every epoch: each state_dict, the random state, the epochs, the config, log.jsonl's length."""
     log = out / "log.jsonl"
     lines = sum(1 for _ in open(log)) if log.exists() else 0
     atomic_write(out / "last.pt", dict(format="cass-run", epoch=epoch, config=cfg, rng=torch.get_rng_state(), **extra,
                                        log_lines=lines, **{k: v.state_dict() for k, v in state.items()}))
 
-def restore(state, out, rt):
-    """An interrupted run's state from last.pt; returns what it saved (the epochs done, ...)."""
-    saved = load_checkpoint(out / "last.pt", "last.pt")
+def restore(state, out):
+    """An interrupted run's state from last.pt, read without touching the folder; returns what last.pt holds."""
+    saved = load_checkpoint(out / "last.pt", "last.pt", "it cannot be resumed: start the run again with another --out")
     for name, obj in state.items():
         obj.load_state_dict(saved[name])
     torch.set_rng_state(saved["rng"])
-    log = out / "log.jsonl"  # a kill between a log line and last.pt leaves lines too many
-    if rt.rank == 0 and log.exists():
-        atomic_write(log, "".join(open(log).readlines()[:saved["log_lines"]]).encode())
-        print(f"resuming {out} after epoch {saved['epoch']}")
     return saved
 
 def interrupted(out, epoch):
     """What to do after Ctrl-C or SIGTERM, from what the run folder holds (a folder may hold several passes)."""
-    return UserError(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds the finished epochs: continue with "
-                     "the same command plus --resume" if (out / "last.pt").is_file() else
-                     "no epoch had finished: run the same command again"))
+    return KeyboardInterrupt(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds the finished epochs: "
+                             "continue with the same command plus --resume" if (out / "last.pt").is_file() else
+                             "no epoch had finished: run the same command again"))
 
 def finish_run(out, cfg, message):
     """last.pt only serves resuming (268 MB at the tiny preset, ~2 GB at the paper's): it goes unless --keep-last."""
@@ -1407,14 +1407,12 @@ def finish_run(out, cfg, message):
 
 class Progress:
     """tqdm on a terminal; elsewhere (nohup, a log file) a plain line every 30 s, so no epoch is silent."""
-
     def __init__(self, iterable, desc, show=True):
         self.iterable, self.desc, self.show, self.text, self.bar = iterable, desc, show, "", None
 
     def __iter__(self):
         if self.show and sys.stderr.isatty():
             from tqdm import tqdm
-
             self.bar = tqdm(self.iterable, desc=self.desc, leave=False, dynamic_ncols=True)
             yield from self.bar
             return
@@ -1444,65 +1442,57 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
              "folder (default: the --init run's)", "e": "the dataset's folder (default: the checkpoint's)"}, {}),
     "splits": ("pfe", None, {"": SPLITS + ")", "f": SPLITS + "; with a run folder as --init: its own)", "e": SPLITS +
                "; for the checkpoint's own dataset: its run's)"}, {}),
-    "preset": ("pf", "paper", {"": "paper: the paper's settings (resnet50 + ViT-B/16 at 384 px from ImageNet "
-               "weights: a GPU and the Hugging Face hub); tiny: small encoders at 64 px from random weights, for a "
-               "CPU. A flag overrides its preset", "f": "paper or tiny, as for pretrain (default: the --init run's, "
-               "else paper)"}, dict(choices=["paper", "tiny"])),
+    "preset": ("pf", "paper", {"": "paper: resnet50 + ViT-B/16 at 384 px from ImageNet weights (a GPU and the Hugging "
+               "Face hub); tiny: small encoders at 64 px from random weights, for a CPU. A flag overrides its preset",
+               "f": "paper or tiny (default: the --init run's, else paper)"}, dict(choices=["paper", "tiny"])),
     "cnn": ("pf", PRESET, "timm CNN", {}),
     "vit": ("pf", PRESET, "timm ViT", {}),
-    "patch_size": ("pf", PRESET, "ViT patch size (paper: the model's own, 16)", dict(type=int)),
+    "patch_size": ("pf", PRESET, "ViT patch size (paper: the model's own, 16)", {}),
     "img_size": ("pf", PRESET, {"": "image side in pixels", "f": "image side in pixels (default: the --init run's, "
-                 "else the preset's)"}, dict(type=int)),
-    "out_dim": ("p", PRESET, "width of both heads, the outputs the loss compares", dict(type=int)),
+                 "else the preset's)"}, {}),
+    "out_dim": ("p", PRESET, "width of both heads, the outputs the loss compares", {}),
     "pretrained": ("p", PRESET, "start from ImageNet weights (from the Hugging Face hub, downloaded on first use)",
                    dict(action=argparse.BooleanOptionalAction)),
     "cnn_weights": ("pf", None, {"": "ImageNet weights of the CNN from this file instead of the hub (any state_dict "
-                    "of the architecture, or a cnn.pt) (default: none)", "f": "with --init imagenet: the CNN's "
-                    "weights from this file instead of the hub (default: none)"}, {}),
+                    "of the architecture, or a cnn.pt)", "f": "with --init imagenet: the CNN's weights from this file"},
+                    {}),
     "vit_weights": ("pf", None, "the same for the ViT (default: none)", {}),
     "objective": ("p", "cass", "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()), dict(choices=list(OBJECTIVES))),
-    "vc_weight": ("p", 4.0, "cass-vc: weight of the variance terms against eq. 1 (the covariance terms weigh 0.04); "
-                  "4 kept both arms' outputs spread in the README's runs, 1 (VICReg's ratio) just under half of "
-                  "healthy", dict(type=float)),
+    "vc_weight": ("p", 4.0, "cass-vc: weight of the variance terms against eq. 1 (covariance: 0.04); 4 kept both "
+                  "arms spread in the README's runs, 1 (VICReg's ratio) just under half of healthy", {}),
     "init": ("f", None, "a pretraining run folder (with --arm), its cnn.pt or vit.pt, imagenet, random, or random-bn "
              "(random with BatchNorm statistics re-estimated on the training images: the control) (default: none; "
              "one is needed)", {}),
     "arm": ("f", None, "cnn or vit: the encoder to fine-tune (needed with a run folder; default for baselines: cnn)",
             dict(choices=["cnn", "vit"])),
-    "label_fraction": ("f", 1.0, "share of the training labels: 1.0, 0.1 or 0.01 (paper 5)", dict(type=float)),
+    "label_fraction": ("f", 1.0, "share of the training labels: 1.0, 0.1 or 0.01 (paper 5)", {}),
     "mode": ("f", "full", "full: train everything (paper B.2); linear: a head on the frozen encoder's standardised "
              "features (paper 4.2)", dict(choices=["full", "linear"])),
     "class_weights": ("f", "inverse", "focal-loss class weights: inverse frequency, paper (the notebooks' min-max "
                       "normalised counts: the majority weighs most) or none",
                       dict(choices=["inverse", "paper", "none"])),
-    "epochs": ("pf", PRESET, {"": "epochs", "f": "epochs at most (early stopping on the validation loss)"},
-               dict(type=int)),
-    "batch_size": ("pf", PRESET, {"": "global batch, split over torchrun's processes", "f": "batch size"},
-                   dict(type=int)),
-    "lr": ("pf", PRESET, "Adam learning rate", dict(type=float)),
+    "epochs": ("pf", PRESET, {"": "epochs", "f": "epochs at most (early stopping on the validation loss)"}, {}),
+    "batch_size": ("pf", PRESET, {"": "global batch, split over torchrun's processes", "f": "batch size"}, {}),
+    "lr": ("pf", PRESET, "Adam learning rate", {}),
     "sched_unit": ("p", "epoch", "the cosine schedule moves once per epoch, or per step as the notebooks do",
                    dict(choices=["epoch", "step"])),
     "swa_start": ("p", None, "first epoch (from 0) that SWA averages (default: the last quarter of --epochs)",
                   dict(type=int)),
-    "seed": ("pf", 0, "fixes initialisation, data order and augmentation (the splits have their own seed, 0)",
-             dict(type=int)),
-    "workers": ("pfex", PRESET, "data-loader processes (at most this machine's cores)", dict(type=int)),
+    "seed": ("pf", 0, "fixes initialisation, data order and augmentation (the splits have their own seed, 0)", {}),
+    "workers": ("pfex", PRESET, "data-loader processes (at most this machine's cores)", {}),
     "device": ("pfex", "auto", "auto: CUDA where there is one", dict(choices=["auto", "cpu", "cuda"])),
     "precision": ("pf", "auto", "auto: bf16 autocast on CUDA (fp16 and loss scaling without bf16), fp32 on a CPU",
                   dict(choices=["auto", "fp32", "bf16", "fp16"])),
-    "compile": ("p", False, "torch.compile both encoders (GPU: faster after a minute of compiling)",
-                dict(action="store_true")),
-    "sync_bn": ("p", False, "under torchrun on CUDA: BatchNorm statistics over the global batch",
-                dict(action="store_true")),
-    "cache_images": ("pf", False, "decode and resize every image once and keep them in memory",
-                     dict(action="store_true")),
+    "compile": ("p", False, "torch.compile both encoders (GPU: faster after a minute of compiling)", {}),
+    "sync_bn": ("p", False, "under torchrun on CUDA: BatchNorm statistics over the global batch", {}),
+    "cache_images": ("pf", False, "decode and resize every image once and keep them in memory", {}),
     "out": ("pfexs", None, {"": "the run folder (default: a new one under runs/)", "e": "a JSON file for the metrics "
             "(default: none, printed only)", "x": "the CSV to write (default: predictions.csv)", "s": "the folder to "
-            "write (default: data_splits/<data> beside cass.py)"}, {}),
+            "write (default: none; one is needed: data_splits/<data> beside cass.py holds the committed files)"}, {}),
+    "overwrite": ("ex", False, "replace --out where it exists", {}),
     "resume": ("pf", False, "continue the run in --out from its last.pt (its own settings; --epochs, --device, "
-               "--workers may change)", dict(action="store_true")),
-    "keep_last": ("pf", False, "keep last.pt when the run ends, to --resume it later with more --epochs",
-                  dict(action="store_true")),
+               "--workers may change)", {}),
+    "keep_last": ("pf", False, "keep last.pt when the run ends, to --resume it later with more --epochs", {}),
     "ckpt": ("ex", None, "a fine-tuned best.pt or its run folder; repeat it for an ensemble (the mean probability)",
              dict(action="append", required=True)),
     "split": ("e", "test", "the split to evaluate", dict(choices=["test", "val"])),
@@ -1516,19 +1506,31 @@ COMMANDS = dict(pretrain=("p", pretrain, "CASS pretraining of a CNN and a ViT to
                 evaluate=("e", evaluate, "metrics of a fine-tuned checkpoint, or of an ensemble"),
                 predict=("x", predict, "class probabilities of new images from fine-tuned checkpoints"),
                 splits=("s", make_split_files, "write the split files of a dataset"))
-RESUMABLE = ("epochs", "device", "workers", "keep_last", "resume", "out", "root")  # may differ on --resume
+RESUMABLE = ("epochs", "device", "workers", "keep_last", "resume", "out")  # may differ on --resume (its data may not)
 INHERITED = ("preset", "img_size", "patch_size", "data", "root", "splits")  # finetune takes them from --init
+LEAST = dict(epochs=1, batch_size=2, img_size=16, patch_size=1, out_dim=2, workers=0, swa_start=0, lr=1e-12)  # sense
 
-def resolve(command, given):
+def resolve(command, given, kind=None):
     """A run's config: the flags given (a dict, unset ones left out), then for finetune what the --init run used,
-    then the preset's values, then the defaults above. A resumed run takes its own config (args.json)."""
+    then the preset's values, then the defaults above. A resumed run takes its own config (args.json), which
+    a run of another `kind` (default: the command; tools/dino.py: dino) does not have."""
+    low = next((k for k, v in LEAST.items() if k in given and not given[k] >= v), None)  # NaN included
+    if low:
+        raise UserError(f"--{low.replace('_', '-')} {given[low]} cannot work: give {LEAST[low]:g} or more")
     if given.get("resume") and command in ("pretrain", "finetune"):
         saved = Path(given.get("out") or "") / "args.json"
         if not given.get("out") or not saved.is_file():
             raise UserError(f"--resume: {saved} does not exist, so there is nothing to resume; give the --out of an "
                             "earlier run, or drop --resume")
-        cfg = json.load(open(saved))
-        changed = [k for k, v in given.items() if k not in RESUMABLE and cfg.get(k) != v]
+        try:
+            cfg = json.load(open(saved))
+        except ValueError:
+            raise UserError(f"--resume: {saved} is damaged; start the run again with another --out") from None
+        if cfg.get("command") != (kind or command):
+            raise UserError(f"--resume: {given['out']} holds a {cfg.get('command')} run, not a {kind or command} one; "
+                            "resume it with the command that started it")
+        norm = lambda k, v: str(Path(v).resolve()) if k == "root" and v else v  # noqa: E731 (one path, two spellings)
+        changed = [k for k, v in given.items() if k not in RESUMABLE and norm(k, cfg.get(k)) != norm(k, v)]
         if changed:
             flag = changed[0]
             raise UserError(f"--resume continues {given['out']} with its own settings, but --{flag.replace('_', '-')} "
@@ -1583,18 +1585,27 @@ def flag_help(key, command):
     default = preset_default(key, command) if default == PRESET else "none" if default is None else default
     return text if options.get("required") or "(default: " in text else f"{text} (default: {default})"
 
+def add_flag(parser, key, command, prefix=""):
+    """A flag of FLAGS on a parser, cass.py's or a tool's. Where FLAGS gives no argparse options they follow from the
+    default: False, a switch; a number (or the preset's number), its type."""
+    _, default, _, options = FLAGS[key]
+    number = PAPER.get(key) or 0 if default == PRESET else default
+    kind = dict(action="store_true") if default is False else dict(type=type(number)) if type(number) in (int, float) \
+        else {}
+    parser.add_argument("--" + key.replace("_", "-"), default=None, help=prefix + flag_help(key, command),
+                        **(options or kind))
+
 def build_parser():
     examples = "\n".join(line for line in __doc__.splitlines() if line.startswith("    python"))
-    parser = argparse.ArgumentParser(prog="cass.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"examples:\n{examples}\n\nThe default --preset paper wants a GPU and "
-                                     "the ImageNet weights (from the Hugging Face hub); --preset tiny runs on a CPU.")
+    parser = Parser(prog="cass.py", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=f"examples:\n{examples}\n\nThe default --preset paper wants a GPU and the ImageNet weights "
+                    "(from the Hugging Face hub); --preset tiny runs on a CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (letter, _, text) in COMMANDS.items():
-        p = sub.add_parser(command, help=text, description=text)
-        for key, (cmds, default, help_text, options) in FLAGS.items():
-            if letter in cmds:
-                p.add_argument("--" + key.replace("_", "-"), default=None, help=flag_help(key, command), **options)
+        p = sub.add_parser(command, help=text, description=text, allow_abbrev=False)  # --epoch is no --epochs
+        for key in (k for k, v in FLAGS.items() if letter in v[0]):
+            add_flag(p, key, command)
     return parser
 
 def given_flags(args):
@@ -1603,24 +1614,33 @@ def given_flags(args):
 
 def run_command(work, interrupted="interrupted; a run folder that holds a last.pt continues with the same command "
                 "plus --resume"):
-    """work() as a command (cass.py's and the tools'): a UserError is one sentence on stderr and exit status 2,
-    Ctrl-C outside a training loop exit 130; SIGTERM stops a run as Ctrl-C does."""
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """work() as a command (cass.py's and the tools'): a UserError, or a file the system refuses, is one sentence on
+    stderr and exit status 2; Ctrl-C exits 130 and SIGTERM 143, as shells expect, both saying what to do. Output
+    is written line by line, also into a file."""
+    signals = []  # the one that stopped the run; a KeyboardInterrupt: the loops save and say how to resume
+    old = signal.signal(signal.SIGTERM, lambda n, frame: signals.append(n) or signal.default_int_handler(n, frame))
+    getattr(sys.stdout, "reconfigure", lambda **_: None)(line_buffering=True)
     try:
         work()
-    except UserError as e:
+    except (UserError, OSError) as e:
         # a message from a DataLoader worker arrives wrapped in its traceback: keep the sentence
-        message = str(e).strip().splitlines()[-1].removeprefix("cass.UserError: ").removeprefix("UserError: ")
+        message = str(e).strip().splitlines()[-1].removeprefix("cass.UserError: ").removeprefix("UserError: ") if \
+            isinstance(e, UserError) else f"cannot use {e.filename or 'a file'} ({e.strerror or e}); check the path"
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"error: {interrupted}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"error: {str(e) or interrupted}", file=sys.stderr)
+        return 128 + (signals[-1] if signals else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, old)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence and exit status 2, as every other mistake, not the usage text
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 def main(argv=None):
     args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)

@@ -119,7 +119,10 @@ def run(args, timeout=600, env=None):
 def cli(args, capsys):
     """cass.main in this process (no interpreter start-up): exit status and what it printed."""
     capsys.readouterr()
-    code = cass.main([str(a) for a in args])
+    try:
+        code = cass.main([str(a) for a in args])
+    except SystemExit as e:  # a flag argparse refuses
+        code = e.code
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -598,7 +601,7 @@ def test_an_isic_csv_without_the_diagnosis_columns_names_the_columns_it_expected
 
 def test_isic_auto_splits_use_the_rows_whose_images_are_on_disk(tmp_path, capsys):
     root = write_isic(tmp_path / "i", n=6)
-    header, rows = cass.read_csv(root / "ISIC_2019_Training_GroundTruth.csv")
+    header, rows, _ = cass.read_csv(root / "ISIC_2019_Training_GroundTruth.csv")
     extra = [[f"ISIC_9{i:06d}"] + r[1:] for i, r in enumerate(rows * 3)]  # rows of the full CSV, images absent
     write_csv(root / "ISIC_2019_Training_GroundTruth.csv", [header] + rows + extra)
     code, out = cli([*PRETRAIN, "--data", "isic2019", "--root", root, "--splits", "auto", "--epochs", "1", "--out",
@@ -674,14 +677,13 @@ def test_multilabel_metrics_equal_scikit_learn():
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement():
-    stopper = cass.EarlyStopping(patience=2)
-    stopped_at = None
+    stop, stopped_at = dict(best=math.inf, best_epoch=-1, bad=0), None
     for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.7, 0.75, 0.71, 0.6], start=1):
-        stopper.step(loss, epoch)
-        if stopper.should_stop:
+        stop = cass.early_stopping(stop, loss, epoch)
+        if stop["bad"] >= 2:  # patience 2
             stopped_at = epoch
             break
-    assert stopped_at == 6 and stopper.best_epoch == 4 and stopper.best == 0.7
+    assert stopped_at == 6 and stop["best_epoch"] == 4 and stop["best"] == 0.7
 
 
 def test_one_batch_fine_tune_overfits():
@@ -773,7 +775,7 @@ def test_predict_writes_class_probabilities_and_labels_of_new_images_as_evaluati
     new = write_folder(tmp_path / "new", ("x",), 4)  # unseen images in any layout
     assert cass.main(["predict", "--ckpt", tmp_path / "f" / "best.pt", "--images", new, "--out", tmp_path / "p.csv",
                       "--device", "cpu", "--workers", "0"]) == 0
-    header, rows = cass.read_csv(tmp_path / "p.csv")
+    header, rows, _ = cass.read_csv(tmp_path / "p.csv")
     assert header == ["image", "a", "b", "c", "predicted"] and len(rows) == 4
     model, preprocess, classes = cass.load_model(tmp_path / "f" / "best.pt")  # the same model from Python
     for r in rows:
@@ -867,15 +869,19 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path):
 
 
 def test_ctrl_c_and_sigterm_stop_the_run_keep_the_finished_epochs_and_say_how_to_resume(tmp_path):
+    import select
+
     root = write_folder(tmp_path / "data", n=8)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):  # what shells expect
         out = tmp_path / f"run{int(sig)}"
         args = [*PRETRAIN, "--data", "folder", "--root", str(root), "--epochs", "30", "--out", str(out)]
         proc = _start(args)
+        assert select.select([proc.stdout], [], [], 120)[0], "the header did not come while the run went on"
+        assert proc.stdout.readline().startswith("CASS pretraining") and proc.poll() is None  # line by line, piped
         _wait_for(lambda: (out / "last.pt").exists() and len(read_log(out / "log.jsonl")) >= 2, proc)
         proc.send_signal(sig)
         text = proc.communicate(timeout=120)[0]
-        assert proc.returncode == 2, text
+        assert proc.returncode == status, text
         assert "--resume" in text and "Traceback" not in text
         ck = torch.load(out / "last.pt", weights_only=True)
         code, text = run([*args, "--resume", "--epochs", str(ck["epoch"] + 1)])
@@ -1204,3 +1210,254 @@ def test_cached_runs_decode_each_split_once_and_change_nothing(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     auc = [json.load(open(tmp_path / d / "metrics.json"))["test"]["roc_auc_ovr"] for d in ("plain", "cached")]
     assert auc[0] == pytest.approx(auc[1], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# nothing lost, nothing silent: each class of mistake and fault, as a table of cases
+# ------------------------------------------------------------------------------------------
+
+
+def snapshot(*roots):
+    """Every file under the roots with its inode, size and time (and bytes, below 1 MB): a refused command leaves
+    them as they were (a file written anew, even with the same bytes, gets another inode and time)."""
+    return {p: (st.st_ino, st.st_size, st.st_mtime_ns, p.read_bytes() if st.st_size < 2**20 else None)
+            for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file() and (st := p.stat())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A finished pretraining run that kept its last.pt, and a finished fine-tuning run, on a folder of images."""
+    t = tmp_path_factory.mktemp("runs")
+    root = write_folder(t / "data", n=8)
+    assert cass.main([*PRETRAIN, "--data", "folder", "--root", root, "--epochs", "1", "--keep-last", "--out",
+                      t / "pre"]) == 0
+    assert cass.main([*FINETUNE, "--data", "folder", "--root", root, "--init", "random", "--arm", "cnn", "--epochs",
+                      "1", "--out", t / "ft"]) == 0
+    return t
+
+
+def _copy_run(runs, t, *own):
+    """The pretraining run, its files linked (last.pt is 268 MB), those named in `own` copied to be changed."""
+    import shutil
+
+    run_copy = Path(shutil.copytree(runs / "pre", t / "pre", copy_function=os.link))
+    for name in own:
+        data = (run_copy / name).read_bytes()
+        (run_copy / name).unlink()
+        (run_copy / name).write_bytes(data)
+    return run_copy
+
+
+def _running(runs, t):  # a copy of the run held by a live process, with a log line its last.pt does not count
+    run_copy = _copy_run(runs, t, "log.jsonl")
+    (run_copy / "run.lock").write_text(str(os.getppid()))
+    with open(run_copy / "log.jsonl", "a") as f:
+        f.write('{"epoch": 2}\n')
+    return ["pretrain", "--resume", "--out", run_copy, "--epochs", "2"], "in use by another running process"
+
+
+def _damaged(runs, t, name):  # cut short, as a full disk leaves a file
+    run_copy = _copy_run(runs, t)
+    with open(run_copy / name, "rb") as f:
+        head = f.read(100)
+    (run_copy / name).unlink()
+    (run_copy / name).write_bytes(head)
+    return ["pretrain", "--resume", "--out", run_copy, "--epochs", "2"], "damaged"
+
+
+def _class_only_in_testing(runs, t):
+    root = write_brain_mri(t / "b")
+    write_folder(root / "Testing", ("rare",), 3)
+    return [*FINETUNE, "--data", "brain_mri", "--root", root, "--splits", "auto", "--init", "random"], "rare"
+
+
+def _listed_twice(runs, t):
+    write_folder(t / "i", ("x", "y"), 4)
+    rows = [[f"i/{c}/{c}_{k}.png", c] for c in "xy" for k in range(4)] + [["i/x/x_0.png", "y"]]
+    write_csv(t / "l.csv", [["image", "label"], *rows])
+    return [*PRETRAIN, "--data", "csv", "--root", t / "l.csv", "--out", t / "r"], "lines 2 and 10"
+
+
+def _bomb(runs, t, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 24 x 24 image is then a decompression bomb
+    return [*PRETRAIN, "--data", "folder", "--root", runs / "data", "--out", t / "r", "--epochs", "1"], "Decompression"
+
+
+def _as_medmnist(runs, t, content):
+    (t / "m.npz").write_bytes(content)
+    return [*PRETRAIN, "--data", "medmnist", "--root", t / "m.npz", "--out", t / "r"], "damaged, or another kind"
+
+
+def _predict(runs, t, out, *extra):
+    write_csv(t / "list.csv", [["image"], [str(runs / "data" / "a" / "a_0.png")]])
+    (t / "old.csv").write_text("an earlier result\n")
+    return ["predict", "--ckpt", runs / "ft", "--images", t / "list.csv", "--out", t / out, "--workers", "0", *extra]
+
+
+def _read_only(runs, t, monkeypatch, args):
+    monkeypatch.setattr(cass.os, "access", lambda *a, **k: False)  # what a read-only disk answers, even to root
+    return args, "cannot be written"
+
+
+def _evaluate(runs, t, out):
+    (t / "old.json").write_text("{}\n")
+    (t / "folder").mkdir()
+    return ["evaluate", "--ckpt", runs / "ft", "--out", t / out, "--workers", "0", "--device", "cpu"]
+
+
+REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sentence says)}
+    "nothing lost or overwritten": {
+        "splits without --out": lambda r, t, m: (["splits", "--data", "digits"], "--out"),
+        "predict --out is its --images": lambda r, t, m: (_predict(r, t, "list.csv"), "one of this command's inputs"),
+        "predict --out exists": lambda r, t, m: (_predict(r, t, "old.csv"), "--overwrite"),
+        "evaluate --out exists": lambda r, t, m: (_evaluate(r, t, "old.json"), "--overwrite"),
+        "resume on another --root": lambda r, t, m: (["pretrain", "--resume", "--out", r / "pre", "--root",
+                                                      write_folder(t / "other")], "--root"),
+        "resume of a run still going": lambda r, t, m: _running(r, t),
+        "a new run into a finished one": lambda r, t, m: ([*FINETUNE, "--data", "folder", "--root", r / "data",
+                                                           "--init", "random", "--out", r / "ft"], "another --out"),
+    },
+    "nothing silent": {
+        "a class only in Testing/": lambda r, t, m: _class_only_in_testing(r, t),
+        "an image listed twice with two labels": lambda r, t, m: _listed_twice(r, t),
+        **{f"--{flag} {value}": (lambda flag, value: lambda r, t, m: (
+            [*PRETRAIN, "--data", "folder", "--root", r / "data", "--out", t / "r", f"--{flag}", value], f"--{flag}"))(
+            flag, value) for flag, value in (("epochs", "0"), ("patch-size", "0"), ("batch-size", "0"),
+                                             ("batch-size", "1"), ("img-size", "-32"), ("workers", "-1"),
+                                             ("out-dim", "0"), ("lr", "0"), ("lr", "nan"), ("epochs", "two"))},
+    },
+    "one sentence, never a traceback": {
+        "run --out is a file": lambda r, t, m: ([*PRETRAIN, "--out", r / "pre" / "args.json"], "is a file"),
+        "evaluate --out is a folder": lambda r, t, m: (_evaluate(r, t, "folder"), "is a folder"),
+        "evaluate --out in a missing folder": lambda r, t, m: (_evaluate(r, t, "nowhere/m.json"), "does not exist"),
+        "run --out below a file": lambda r, t, m: ([*PRETRAIN, "--out", r / "pre" / "args.json" / "r"], "cannot"),
+        "evaluate --out on a read-only disk": lambda r, t, m: _read_only(r, t, m, _evaluate(r, t, "m.json")),
+        "a run folder on a read-only disk": lambda r, t, m: _read_only(r, t, m, [*PRETRAIN, "--out", t / "r"]),
+        "a decompression bomb": lambda r, t, m: _bomb(r, t, m),
+        "a damaged MedMNIST file": lambda r, t, m: _as_medmnist(r, t, write_npz(t / "ok.npz").read_bytes()[:300]),
+        "a CSV given as MedMNIST": lambda r, t, m: _as_medmnist(r, t, b"image,label\na.png,x\n"),
+        "a binary file given as CSV": lambda r, t, m: ((t / "b.csv").write_bytes(b"\x89PNG\x00\xff\x00"), [
+            *PRETRAIN, "--data", "csv", "--root", t / "b.csv", "--out", t / "r"])[1:] + ("cannot read CSV",),
+        "finetune --resume of a pretraining run": lambda r, t, m: (["finetune", "--resume", "--out", r / "pre"],
+                                                                  "holds a pretrain run"),
+        "pretrain --resume of a fine-tuning run": lambda r, t, m: (["pretrain", "--resume", "--out", r / "ft"],
+                                                                  "holds a finetune run"),
+        "a damaged last.pt": lambda r, t, m: _damaged(r, t, "last.pt"),
+        "a damaged args.json": lambda r, t, m: _damaged(r, t, "args.json"),
+        "an unknown flag": lambda r, t, m: (["pretrain", "--epoch", "3"], "unrecognized arguments"),
+    },
+    "messages that say what to do": {
+        "resume of a finished run": lambda r, t, m: ([*FINETUNE, "--resume", "--out", r / "ft"], "--keep-last"),
+        "a CSV with labels other than 0 and 1": lambda r, t, m: (
+            [*PRETRAIN, "--data", "csv", "--root", _bad_csv_labels(t)[0][3], "--out", t / "r"], "found 2,0"),
+    },
+}
+
+
+@pytest.mark.parametrize("group,case", [(g, c) for g, cases in REFUSED.items() for c in cases])
+def test_a_refused_command_says_one_sentence_exits_2_and_changes_no_file(group, case, runs, tmp_path, capsys,
+                                                                         monkeypatch):
+    args, said = REFUSED[group][case](runs, tmp_path, monkeypatch)
+    before = snapshot(tmp_path, runs, HERE / "data_splits")
+    capsys.readouterr()
+    try:
+        code = cass.main([str(a) for a in args])
+    except SystemExit as e:  # a flag argparse refuses
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and said in err, err
+    assert "Traceback" not in out + err and "[" not in err and "allow_pickle" not in err
+    after = snapshot(tmp_path, runs, HERE / "data_splits")
+    assert {p: after.get(p) for p in before} == before  # nothing changed or removed
+    assert set(after) == set(before) or case == "a decompression bomb"  # found in the first epoch: a run folder
+
+
+def test_a_resumed_run_keeps_its_own_splits_and_removes_what_a_killed_process_left(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", n=8)
+    args = [*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "1", "--keep-last", "--out",
+            tmp_path / "r"]
+    code, first = cli(args, capsys)
+    assert code == 0, first
+    splits = snapshot(tmp_path / "r" / "splits")
+    gone = cass.read_csv(tmp_path / "r" / "splits" / "val.csv")[1][0][0]
+    (root / gone).unlink()  # as the message about an undecodable image tells the user to
+    (tmp_path / "r" / ".last.pt.tmp999999").write_bytes(b"half a checkpoint")  # what kill -9 leaves
+    (tmp_path / "r" / "splits" / ".train.csv.tmp999999").write_bytes(b"half")
+    code, again = cli([*args, "--resume", "--epochs", "2"], capsys)
+    assert code == 0, again
+    count = lambda text: text.split(" images at ")[0].split()[-1]  # noqa: E731 (the header's training images)
+    assert count(again) == count(first) and "1 of the" in again  # the validation image did not move into train
+    assert snapshot(tmp_path / "r" / "splits") == splits and not list((tmp_path / "r").rglob(".*.tmp*"))
+
+
+def test_resume_takes_the_same_root_spelled_another_way(runs, monkeypatch):
+    monkeypatch.chdir(runs)
+    assert cass.resolve("pretrain", dict(resume=True, out=str(runs / "pre"), root="data"))["root"] == str(runs / "data")
+
+
+def test_predict_predicts_every_image_that_decodes_and_names_every_one_that_does_not(runs, tmp_path, capsys):
+    new = write_folder(tmp_path / "new", ("x",), 3)
+    (new / "x" / "broken.png").write_bytes(b"not a png")
+    (new / "x" / "empty.jpg").write_bytes(b"")
+    (new / "x" / "deeper").mkdir()
+    class_image(1, 9).save(new / "x" / "deeper" / "scan, 2.png")  # a comma in a name: the CSV quotes it
+    args = ["predict", "--ckpt", runs / "ft", "--images", new, "--out", tmp_path / "p.csv", "--workers", "0"]
+    code, out = cli(args, capsys)
+    assert code == 2 and "2 of the 6 images" in out and "broken.png" in out and "empty.jpg" in out, out
+    header, rows, _ = cass.read_csv(tmp_path / "p.csv")
+    assert len(rows) == 4 and all(len(r) == 5 for r in rows) and rows[0][0].endswith("scan, 2.png")
+    (new / "x" / "broken.png").unlink()
+    (new / "x" / "empty.jpg").unlink()
+    assert cli(args, capsys)[0] == 2  # an earlier result is not replaced
+    assert cli([*args, "--overwrite"], capsys)[0] == 0 and len(cass.read_csv(tmp_path / "p.csv")[1]) == 4
+
+
+def test_csvs_as_spreadsheets_export_them_are_read_and_names_with_commas_survive_the_split_files(tmp_path):
+    write_folder(tmp_path / "i", ("x", "y"), 4)
+    (tmp_path / "i" / "x" / "x_0.png").rename(tmp_path / "i" / "x" / "x, 0.png")
+    names = [f"i/{c}/{c}_{k}.png" if (c, k) != ("x", 0) else "i/x/x, 0.png" for c in "xy" for k in range(4)]
+    text = "\ufeffImage,Label\r\n\r\n" + "".join(f'"{n}", {n[2]}\r\n' for n in names) + "\r\n\r\n"
+    (tmp_path / "l.csv").write_text(text, encoding="utf-8")  # a byte-order mark, capitals, blank lines, spaces
+    table = cass.load_table("csv", tmp_path / "l.csv")
+    assert table.classes == ["x", "y"] and table.keys == names
+    splits = cass.make_splits(table)
+    cass.write_splits(table, splits, tmp_path / "s")
+    assert cass.load_splits(dict(splits=str(tmp_path / "s")), table) == (splits, str(tmp_path / "s"))
+
+
+def test_a_class_with_a_single_image_keeps_it_for_training(tmp_path):
+    root = write_folder(tmp_path / "d", ("a", "b"), 8)
+    write_folder(root, ("solo",), 1)
+    splits = cass.make_splits(cass.load_table("folder", root))
+    assert all("solo/solo_0.png" in splits[s] for s in ("train", "train_10pct", "train_1pct"))
+
+
+def test_one_rule_for_a_folder_of_images_subfolders_count_and_names_with_a_dot_do_not(tmp_path):
+    root = write_folder(tmp_path / "d", ("a", "b"), 3)
+    for sub in ("scan 2", ".thumbs"):
+        (root / "a" / sub).mkdir()
+        class_image(0, 5).save(root / "a" / sub / "deep.png")
+    (root / ".ipynb_checkpoints").mkdir()
+    table = cass.load_table("folder", root)
+    assert table.classes == ["a", "b"] and "a/scan 2/deep.png" in table.keys and len(table.keys) == 7
+    assert table.keys == [str(p.relative_to(root)) for p in cass.image_files(root)]  # what predict reads
+
+
+def test_a_write_the_system_refuses_is_one_sentence_and_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(cass.UserError, match="cannot write"):
+        cass.atomic_write(tmp_path / "f" / "m.json", b"{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_evaluate_saves_its_metrics_before_it_prints_them(runs, tmp_path, monkeypatch):
+    cfg = cass.resolve("evaluate", dict(ckpt=[str(runs / "ft")], out=str(tmp_path / "m.json"), workers=0, device="cpu"))
+
+    def broken_pipe(*args, **kwargs):
+        raise BrokenPipeError
+
+    monkeypatch.setattr("builtins.print", broken_pipe)
+    with pytest.raises(BrokenPipeError):
+        cass.evaluate(cfg)
+    assert json.load(open(tmp_path / "m.json"))["split"] == "test"

@@ -224,7 +224,7 @@ def test_an_interrupted_dino_run_resumes_to_the_same_encoders_and_log(tmp_path, 
     # first in the CNN pass's second epoch; then, resumed, in the ViT pass's first (after cnn.pt was written)
     for resume in ([], ["--resume"]):
         calls.clear()
-        assert dino.main([*common, "--out", b, *resume]) == 2
+        assert dino.main([*common, "--out", b, *resume]) == 130  # as Ctrl-C: 128 + SIGINT
         assert "--resume" in capsys.readouterr().err
     assert (b / "cnn.pt").exists() and not (b / "vit.pt").exists()
     monkeypatch.setattr(dino, "dino_epoch", epoch)
@@ -293,9 +293,9 @@ def test_export_refuses_what_it_cannot_export_in_one_sentence_and_leaves_nothing
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     for args, said in (([tmp_path / "empty"], "is not a finished run"), ([tmp_path / "missing"], "does not exist"),
-                       ([tmp_path / "notes.pt"], "is not a file written by cass.py"),
+                       ([tmp_path / "notes.pt"], "was not written by cass.py"),
                        ([tmp_path / "last.pt"], "is not an encoder file written by cass.py"),
-                       ([tmp_path / "notes.pt", "--arm", "cnn"], "is not a file written by cass.py")):
+                       ([tmp_path / "notes.pt", "--arm", "cnn"], "was not written by cass.py")):
         capsys.readouterr()
         assert export.main([*args, "--out", tmp_path / "out"]) == 2
         err = capsys.readouterr().err

@@ -15,7 +15,6 @@ data loading included, and gives the same ratio of epoch wall times.
 
 The last line of the output is the same numbers as JSON.
 """
-import argparse
 import gc
 import json
 import sys
@@ -37,11 +36,9 @@ BENCH_FLAGS = ("data", "root", "splits", "preset", "cnn", "vit", "patch_size", "
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cass.Parser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     for key in BENCH_FLAGS:
-        cmds, default, text, options = cass.FLAGS[key]
-        p.add_argument("--" + key.replace("_", "-"), default=None,
-                       help=f"as for cass.py pretrain: {cass.flag_help(key, 'pretrain')}", **options)
+        cass.add_flag(p, key, "pretrain", "as for cass.py pretrain: ")
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported) (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to fit larger batches")

@@ -23,7 +23,6 @@ and load_model take a DINO run as they take a CASS run. Each epoch logs the coll
 student (its pooled features, and the projection's 256-d normalised bottleneck as its outputs). Needs
 tools/requirements.txt.
 """
-import argparse
 import math
 import random
 import sys
@@ -132,8 +131,8 @@ def run_pass(cfg, arm, loader, sampler, mon, rt, out, resume):
     scheduler, scaler = cass.cosine_schedule(optimizer, cfg), rt.scaler()
     state = dict(learner=learner, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     start = 0
-    if resume:
-        saved = cass.restore(state, out, rt)
+    if resume:  # the folder is held: claim_run_folder trimmed its log to this last.pt
+        saved = cass.restore(state, out)
         start = saved["epoch"]
         random.setstate(saved["python_rng"])
     student, log = Student(learner), out / "log.jsonl"
@@ -197,17 +196,16 @@ def pretrain(cfg, store=None):
     sampler = cass.EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"])
     loader = cass.make_loader(dataset, sampler, cfg["batch_size"], cfg["workers"], rt)
     mon = cass.monitor_loaders(table, splits, cfg, store)
-    saved_arm = cass.load_checkpoint(out / "last.pt", "last.pt")["arm"] if cfg["resume"] else None
+    saved = cass.restore({}, out) if cfg["resume"] else None  # read only: the folder is not held yet
+    saved_arm = saved["arm"] if saved else None
 
-    with cass.claim_run_folder(out, cfg, rt, splits, table):
+    with cass.claim_run_folder(out, cfg, rt, splits, table, saved):  # trims the log to this last.pt
         print(f"DINO pretraining ({cfg['recipe']}): {' then '.join(cfg[a] for a in cfg['arms'])}, {len(train)} images "
               f"at {cfg['img_size']} px, splits {cfg['splits']}, {cfg['epochs']} epochs each, batch "
               f"{cfg['batch_size']} on {rt.device.type} {str(rt.amp_dtype or 'fp32').replace('torch.', '')}; run "
               f"folder {out}", flush=True)
         for arm in cfg["arms"]:
             if (out / f"{arm}.pt").is_file():  # a pass that finished before the run was interrupted
-                if arm == saved_arm:
-                    cass.restore({}, out, rt)  # drops what the next pass had logged
                 continue
             run_pass(cfg, arm, loader, sampler, mon, rt, out, resume=arm == saved_arm)
         cass.finish_run(out, cfg, f"wrote {', '.join(f'{out}/{a}.pt' for a in cfg['arms'])}")
@@ -218,16 +216,16 @@ def resolve(given):
     """The run's config: cass.py pretrain's (flags, preset, defaults; a resumed run's own args.json), less the
     flags only CASS has, plus the arms and the recipe."""
     defaults = {} if given.get("resume") else {k: v[0] for k, v in DINO_FLAGS.items()}  # a resumed run has its own
-    cfg = cass.resolve("pretrain", {**defaults, **given})
+    cfg = cass.resolve("pretrain", {**defaults, **given}, kind="dino")
     return {k: v for k, v in cfg.items() if k not in CASS_ONLY} | dict(command="dino", method="dino")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cass.Parser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 epilog="Flags not listed here are cass.py pretrain's, with its defaults.")
     for key, (cmds, default, text, options) in cass.FLAGS.items():
         if "p" in cmds and key not in CASS_ONLY:
-            p.add_argument("--" + key.replace("_", "-"), default=None, help=cass.flag_help(key, "pretrain"), **options)
+            cass.add_flag(p, key, "pretrain")
     for key, (default, text, options) in DINO_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), default=None, help=f"{text} (default: {default})", **options)
     return p

@@ -11,7 +11,6 @@ the variant the grad-cam package documents for vision transformers. The paper ar
 the CNN attends to the centre of the image and the transformer more globally: this is how to look at that on
 your own images. Needs tools/requirements.txt.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -60,8 +59,7 @@ def image_table(source, classes):
     """The images to explain: a folder (searched recursively), a CSV with an `image` column, or one image file."""
     source = Path(source)
     if source.is_dir():
-        keys = [str(p.relative_to(source)) for p in sorted(source.rglob("*"))
-                if p.suffix.lower() in cass.IMAGE_SUFFIXES]
+        keys = [str(p.relative_to(source)) for p in cass.image_files(source)]  # cass.py's folder rule
         table = cass.Table("explain", classes, False, {}, keys, image_dir=str(source))
     elif source.suffix.lower() in cass.IMAGE_SUFFIXES and source.is_file():
         table = cass.Table("explain", classes, False, {}, [source.name], image_dir=str(source.parent))
@@ -129,7 +127,7 @@ def explain(ckpts, images, out, target=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cass.Parser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", action="append", required=True, help="a fine-tuned best.pt or its run folder; give two "
                    "(a CNN and a ViT) to see them side by side")
     p.add_argument("--images", required=True, nargs="+", help="folders of images (searched recursively), images, "

@@ -14,7 +14,6 @@ serves cass.py where it takes weights (`--cnn-weights FOLDER`, `--vit-weights FO
 the model timm builds from the folder must give the same outputs as the checkpoint. Needs safetensors (timm
 installs it).
 """
-import argparse
 import os
 import shutil
 import sys
@@ -78,7 +77,7 @@ def export(path, out, arm=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cass.Parser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a cnn.pt, vit.pt or best.pt, or a run folder (a pretraining run needs --arm)")
     p.add_argument("--arm", choices=["cnn", "vit"], help="which arm of a pretraining run folder (default: none)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")

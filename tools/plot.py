@@ -15,7 +15,6 @@ label-efficiency chart: the test headline metric against the label fraction, one
 the seeds' standard deviation, one panel per arm and mode; --paper adds the paper's Table 1 (CASS, DINO and
 supervised, best model per method). Needs tools/requirements.txt.
 """
-import argparse
 import json
 import os
 import sys
@@ -275,7 +274,7 @@ def plot(folders, out=None, paper=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cass.Parser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="run folders (pretraining or fine-tuning) or protocol folders, one kind")
     p.add_argument("--out", help="the PNG to write (default: monitor.png, curves.png or label_efficiency.png in the "
                    "folder; needed for several folders)")

@@ -11,7 +11,6 @@ which keeps the decoded images of --cache-images for all runs. A pretraining run
 initialisation is left to run, and the DINO run uses the CASS run's splits (and the cells use those of the
 first), so every row sees the same images.
 """
-import argparse
 import json
 import sys
 import time
@@ -46,11 +45,10 @@ PRETRAINED = ("cass", "dino")  # the initialisations that are a pretraining run 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cass.Parser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     for key, (cmds, default, text, options) in cass.FLAGS.items():
         if "p" in cmds and key not in ("resume", "keep_last"):
-            p.add_argument("--" + key.replace("_", "-"), default=None,
-                           help=f"as for cass.py pretrain: {cass.flag_help(key, 'pretrain')}", **options)
+            cass.add_flag(p, key, "pretrain", "as for cass.py pretrain: ")
     for key in ("recipe", "prototypes"):
         default, text, options = dino.DINO_FLAGS[key]
         p.add_argument(f"--{key}", default=None, help=f"the DINO runs: {text} (default: {default})", **options)

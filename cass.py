@@ -588,7 +588,7 @@ def pretrain(cfg, store=None):
     """CASS pretraining with a resolved config (`resolve`); returns the run folder."""
     rt = make_runtime(cfg["device"], cfg["precision"])
     out = Path(cfg["out"] or f"runs/pretrain-{cfg['data']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_run_folder(out, cfg["resume"])
+    check_run_folder(out, cfg)
     if cfg["sync_bn"] and rt.device.type != "cuda":
         raise UserError("--sync-bn works on CUDA only (PyTorch's SyncBatchNorm); drop it for CPU runs")
     if cfg["batch_size"] % rt.world:
@@ -787,7 +787,7 @@ def finetune(cfg, store=None):
     init = Path(cfg["init"]).name.removesuffix(".pt")  # random, ..., or the pretraining run's name
     out = Path(cfg["out"] or f"runs/finetune-{cfg['data']}-{cfg['arm'] or 'cnn'}-{init}-"
                              f"{cfg['label_fraction'] * 100:g}pct-{cfg['mode']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_run_folder(out, cfg["resume"])
+    check_run_folder(out, cfg)
     torch.manual_seed(cfg["seed"])
     # -- data -------------------------------------------------------------------------------------
     table = load_table(cfg["data"], cfg["root"])
@@ -1327,9 +1327,11 @@ def claim(lock):
             Path(lock).unlink(missing_ok=True)
     return None
 
-def check_run_folder(out, resume):
-    """Before any work: a folder that can be written; --resume needs a last.pt; a run's folder is never written over."""
-    check_output(out, folder=True)
+def check_run_folder(out, cfg):
+    """Before any work: a folder that can be written, outside the data; --resume needs a last.pt; a run's folder is
+    never written over."""
+    resume = cfg["resume"]
+    check_output(out, [cfg["root"]] if cfg["root"] else [], folder=True)
     finished = any((out / f).exists() for f in ("cnn.pt", "vit.pt", "best.pt", "metrics.json"))
     if resume and not (out / "last.pt").is_file():
         raise UserError(f"--resume: {out} holds a finished run, whose last.pt went when it ended; to train longer, "
@@ -1343,7 +1345,8 @@ def check_output(path, inputs=(), overwrite=False, folder=False):
     """Before any work: `path` (a file, or a run folder) can be written, is none of the `inputs` and, without
     --overwrite, replaces no earlier result."""
     where = next(p for p in (path, *path.parents) if p.is_dir())  # the folder it is made in, or itself
-    why = ("is one of this command's inputs" if any(path.resolve() == Path(p).resolve() for p in inputs) else
+    why = ("is one of this command's inputs, or inside one" if any(Path(p).resolve() in (path.resolve(),
+           *path.resolve().parents) for p in inputs) else
            "is a file, not a folder" if folder and path.is_file() else "is a folder" if not folder and path.is_dir()
            else f"is in {path.parent}, which does not exist" if not folder and not path.parent.is_dir() else
            f"is in {where}, which cannot be written" if not os.access(where, os.W_OK) else
@@ -1562,12 +1565,8 @@ def init_config(init):
     if init in (None, "random", "random-bn", "imagenet") or not path.exists():
         return {}
     folder = path if path.is_dir() else path.parent
-    if (folder / "args.json").is_file():
-        cfg = json.load(open(folder / "args.json"))
-    elif path.is_file():
-        cfg = load_checkpoint(path, "--init").get("config", {})
-    else:
-        return {}
+    cfg = json.load(open(folder / "args.json")) if (folder / "args.json").is_file() else \
+        load_checkpoint(path, "--init").get("config", {}) if path.is_file() else {}
     base = {k: cfg[k] for k in INHERITED if k in cfg and cfg[k] is not None}
     return {**base, "splits": str(folder / "splits")} if (folder / "splits" / "train.csv").is_file() else base
 

@@ -183,7 +183,7 @@ def pretrain(cfg, store=None):
     if rt.world > 1:
         raise cass.UserError("tools/dino.py runs in one process: start it with python, not torchrun")
     out = Path(cfg["out"] or f"runs/dino-{cfg['data']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cass.check_run_folder(out, cfg["resume"])
+    cass.check_run_folder(out, cfg)
 
     # -- data: the whole training split, labels unused, as cass.pretrain; Dino augments each batch itself ------
     table = cass.load_table(cfg["data"], cfg["root"])

@@ -316,6 +316,8 @@ def create_encoder(name, num_classes, kwargs, weights=None):
     through timm), a file (a cnn.pt / vit.pt of this program, or any state_dict of the architecture) or a folder
     in timm's own layout, config.json and model.safetensors (tools/export.py writes one; so does the hub)."""
     import timm
+    if not timm.is_model(name):
+        raise UserError(f"--{'vit' if is_vit(name) else 'cnn'} {name} is not a timm model (see timm.list_models())")
     try:
         if weights in (None, "imagenet"):
             with _hub_offline_unless_reachable() if weights else contextlib.nullcontext():
@@ -1097,8 +1099,8 @@ def read_csv(path):
     return header, [r for _, r in lines[1:]], [n for n, _ in lines[1:]]
 
 def _csv_labels(path, header, rows, lines):
-    """Labels from a `label` column (class names) or one 0/1 column per class; empty cells: unlabelled. An image
-    listed twice with different labels is refused."""
+    """Labels from a `label` column or one 0/1 column per class; empty cells: unlabelled; two labels for one image:
+    refused."""
     if header[0] != "image":
         raise UserError(f"CSV {path} must start with an 'image' column; its header is {','.join(header[:5])}")
     first = {}  # image -> its first row
@@ -1293,6 +1295,12 @@ def atomic_write(path, data):
 def write_json(obj, path):
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
+def read_json(path):
+    try:
+        return json.load(open(path))
+    except ValueError:
+        raise UserError(f"{path} is damaged (not JSON); start the run again with another --out") from None
+
 def append_jsonl(obj, path):
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
@@ -1328,22 +1336,19 @@ def claim(lock):
     return None
 
 def check_run_folder(out, cfg):
-    """Before any work: a folder that can be written, outside the data; --resume needs a last.pt; a run's folder is
-    never written over."""
-    resume = cfg["resume"]
+    """Before any work: a writable folder outside the data; --resume needs last.pt; a run is never written over."""
     check_output(out, [cfg["root"]] if cfg["root"] else [], folder=True)
     finished = any((out / f).exists() for f in ("cnn.pt", "vit.pt", "best.pt", "metrics.json"))
-    if resume and not (out / "last.pt").is_file():
+    if cfg["resume"] and not (out / "last.pt").is_file():
         raise UserError(f"--resume: {out} holds a finished run, whose last.pt went when it ended; to train longer, "
                         "start a new run with another --out (and --keep-last, to resume that one later)" if finished
                         else f"--resume: {out} holds no last.pt, so there is nothing to resume; drop --resume")
-    if not resume and (finished or (out / "last.pt").exists()):
+    if not cfg["resume"] and (finished or (out / "last.pt").exists()):
         raise UserError(f"{out} already holds a run; choose another --out" + ("" if finished else " (or continue this "
                         "one with --resume)"))
 
 def check_output(path, inputs=(), overwrite=False, folder=False):
-    """Before any work: `path` (a file, or a run folder) can be written, is none of the `inputs` and, without
-    --overwrite, replaces no earlier result."""
+    """Before any work: `path` (a file or a run folder) is writable, no input, and (without --overwrite) no result."""
     where = next(p for p in (path, *path.parents) if p.is_dir())  # the folder it is made in, or itself
     why = ("is one of this command's inputs, or inside one" if any(Path(p).resolve() in (path.resolve(),
            *path.resolve().parents) for p in inputs) else
@@ -1511,7 +1516,8 @@ COMMANDS = dict(pretrain=("p", pretrain, "CASS pretraining of a CNN and a ViT to
                 splits=("s", make_split_files, "write the split files of a dataset"))
 RESUMABLE = ("epochs", "device", "workers", "keep_last", "resume", "out")  # may differ on --resume (its data may not)
 INHERITED = ("preset", "img_size", "patch_size", "data", "root", "splits")  # finetune takes them from --init
-LEAST = dict(epochs=1, batch_size=2, img_size=16, patch_size=1, out_dim=2, workers=0, swa_start=0, lr=1e-12)  # sense
+LEAST = dict(epochs=1, batch_size=2, img_size=16, patch_size=1, out_dim=2, workers=0, swa_start=0, seed=0, vc_weight=0,
+             lr=1e-12)  # the least value of each that can work
 
 def resolve(command, given, kind=None):
     """A run's config: the flags given (a dict, unset ones left out), then for finetune what the --init run used,
@@ -1525,10 +1531,7 @@ def resolve(command, given, kind=None):
         if not given.get("out") or not saved.is_file():
             raise UserError(f"--resume: {saved} does not exist, so there is nothing to resume; give the --out of an "
                             "earlier run, or drop --resume")
-        try:
-            cfg = json.load(open(saved))
-        except ValueError:
-            raise UserError(f"--resume: {saved} is damaged; start the run again with another --out") from None
+        cfg = read_json(saved)
         if cfg.get("command") != (kind or command):
             raise UserError(f"--resume: {given['out']} holds a {cfg.get('command')} run, not a {kind or command} one; "
                             "resume it with the command that started it")
@@ -1559,13 +1562,12 @@ def resolve(command, given, kind=None):
     return cfg
 
 def init_config(init):
-    """What finetune takes from an --init run folder or encoder file: its preset, image and patch size, dataset
-    and splits (the folder's own splits/)."""
+    """What finetune takes from an --init run folder or encoder file: preset, image and patch size, data, splits."""
     path = Path(init or "")
     if init in (None, "random", "random-bn", "imagenet") or not path.exists():
         return {}
     folder = path if path.is_dir() else path.parent
-    cfg = json.load(open(folder / "args.json")) if (folder / "args.json").is_file() else \
+    cfg = read_json(folder / "args.json") if (folder / "args.json").is_file() else \
         load_checkpoint(path, "--init").get("config", {}) if path.is_file() else {}
     base = {k: cfg[k] for k in INHERITED if k in cfg and cfg[k] is not None}
     return {**base, "splits": str(folder / "splits")} if (folder / "splits" / "train.csv").is_file() else base
@@ -1613,9 +1615,8 @@ def given_flags(args):
 
 def run_command(work, interrupted="interrupted; a run folder that holds a last.pt continues with the same command "
                 "plus --resume"):
-    """work() as a command (cass.py's and the tools'): a UserError, or a file the system refuses, is one sentence on
-    stderr and exit status 2; Ctrl-C exits 130 and SIGTERM 143, as shells expect, both saying what to do. Output
-    is written line by line, also into a file."""
+    """work() as a command (cass.py's and the tools'): a UserError or a file the system refuses is one sentence and
+    exit 2; Ctrl-C exits 130 and SIGTERM 143, as shells expect, saying what to do. Output goes out line by line."""
     signals = []  # the one that stopped the run; a KeyboardInterrupt: the loops save and say how to resume
     old = signal.signal(signal.SIGTERM, lambda n, frame: signals.append(n) or signal.default_int_handler(n, frame))
     getattr(sys.stdout, "reconfigure", lambda **_: None)(line_buffering=True)

@@ -1329,7 +1329,8 @@ REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sent
             [*PRETRAIN, "--data", "folder", "--root", r / "data", "--out", t / "r", f"--{flag}", value], f"--{flag}"))(
             flag, value) for flag, value in (("epochs", "0"), ("patch-size", "0"), ("batch-size", "0"),
                                              ("batch-size", "1"), ("img-size", "-32"), ("workers", "-1"),
-                                             ("out-dim", "0"), ("lr", "0"), ("lr", "nan"), ("epochs", "two"))},
+                                             ("out-dim", "0"), ("lr", "0"), ("lr", "nan"), ("epochs", "two"),
+                                             ("seed", "-1"), ("vc-weight", "-1"), ("cnn", "resnet5"))},
     },
     "one sentence, never a traceback": {
         "run --out is a file": lambda r, t, m: ([*PRETRAIN, "--out", r / "pre" / "args.json"], "is a file"),
@@ -1349,6 +1350,8 @@ REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sent
                                                                   "holds a finetune run"),
         "a damaged last.pt": lambda r, t, m: _damaged(r, t, "last.pt"),
         "a damaged args.json": lambda r, t, m: _damaged(r, t, "args.json"),
+        "an --init run with a damaged args.json": lambda r, t, m: (
+            [*FINETUNE, "--init", _damaged(r, t, "args.json")[0][3], "--arm", "cnn", "--out", t / "f"], "damaged"),
         "an unknown flag": lambda r, t, m: (["pretrain", "--epoch", "3"], "unrecognized arguments"),
     },
     "messages that say what to do": {

@@ -14,7 +14,7 @@ negative pairs. Afterwards each arm is fine-tuned on a few labels on its own (fo
     python cass.py finetune --init runs/RUN --arm cnn --label-fraction 0.1
     python cass.py evaluate --ckpt runs/FT/best.pt [--ckpt runs/FT2/best.pt]   # a model or an ensemble
     python cass.py predict --ckpt runs/FT/best.pt --images DIR_OR_CSV --out predictions.csv
-    python cass.py splits --data brain_mri --listing FILE --out data_splits/brain_mri   # the committed files
+    python cass.py splits --data brain_mri --listing FILE --out DIR  # split files (data_splits/: the committed ones)
     torchrun --nproc_per_node=4 cass.py pretrain ...        # data-parallel pretraining
 
 tools/protocol.py (the paper's label-efficiency grid) and tools/bench.py (speed) import this file.
@@ -594,8 +594,7 @@ def pretrain(cfg, store=None):
     if cfg["sync_bn"] and rt.device.type != "cuda":
         raise UserError("--sync-bn works on CUDA only (PyTorch's SyncBatchNorm); drop it for CPU runs")
     if cfg["batch_size"] % rt.world:
-        raise UserError(f"--batch-size {cfg['batch_size']} (the global batch) is not divisible by the {rt.world} "
-                        "processes")
+        raise UserError(f"--batch-size {cfg['batch_size']} (the global batch) does not divide by {rt.world} processes")
     torch.manual_seed(cfg["seed"])
     # -- data: the whole training split, labels unused (paper B.1.1) ---------------------------
     table = load_table(cfg["data"], cfg["root"])
@@ -777,8 +776,7 @@ def finetune(cfg, store=None):
     """Fine-tune one arm on a fraction of the labels with a resolved config (`resolve`); returns the run folder."""
     rt = make_runtime(cfg["device"], cfg["precision"])
     if rt.world > 1:
-        raise UserError("finetune runs in one process (a few labelled images need no data parallelism): start it with "
-                        "python, not torchrun")
+        raise UserError("finetune runs in one process (a few labels need no data parallelism): start it with python")
     if cfg["init"] is None:
         raise UserError("finetune needs --init: a pretraining run folder (with --arm), its cnn.pt or vit.pt, imagenet, "
                         "random or random-bn")
@@ -996,9 +994,10 @@ def predict(cfg):
 
 def make_split_files(cfg):
     """The `splits` command: split files of a dataset, from its images on disk or from a complete listing."""
-    if not cfg["out"]:
-        raise UserError(f"splits needs --out, the folder to write (to replace the committed files, name them: --out "
-                        f"{HERE / 'data_splits' / cfg['data']})")
+    if not cfg["out"] or (Path(cfg["out"]) / "train.csv").exists() and not cfg["overwrite"]:
+        raise UserError(f"--out {cfg['out']} holds split files; add --overwrite to replace them" if cfg["out"] else
+                        "splits needs --out, the folder to write (to replace the committed files, name them: --out "
+                        f"{HERE / 'data_splits' / cfg['data']} --overwrite)")
     if cfg["data"] == "brain_mri" and cfg["listing"]:
         table = table_brain_mri(Path("."), [line.strip() for line in open(cfg["listing"]) if line.strip()])
     elif cfg["data"] == "isic2019" and cfg["listing"]:
@@ -1497,7 +1496,7 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "out": ("pfexs", None, {"": "the run folder (default: a new one under runs/)", "e": "a JSON file for the metrics "
             "(default: none, printed only)", "x": "the CSV to write (default: predictions.csv)", "s": "the folder to "
             "write (default: none; one is needed: data_splits/<data> beside cass.py holds the committed files)"}, {}),
-    "overwrite": ("ex", False, "replace --out where it exists", {}),
+    "overwrite": ("exs", False, "replace --out where it exists", {}),
     "resume": ("pf", False, "continue the run in --out from its last.pt (its own settings; --epochs, --device, "
                "--workers may change)", {}),
     "keep_last": ("pf", False, "keep last.pt when the run ends, to --resume it later with more --epochs", {}),

@@ -1308,6 +1308,8 @@ def _evaluate(runs, t, out):
 REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sentence says)}
     "nothing lost or overwritten": {
         "splits without --out": lambda r, t, m: (["splits", "--data", "digits"], "--out"),
+        "splits into a folder of split files": lambda r, t, m: (["splits", "--data", "digits", "--out",
+                                                                 HERE / "data_splits" / "digits"], "--overwrite"),
         "predict --out is its --images": lambda r, t, m: (_predict(r, t, "list.csv"), "one of this command's inputs"),
         "predict --out exists": lambda r, t, m: (_predict(r, t, "old.csv"), "--overwrite"),
         "predict --out on an image it reads": lambda r, t, m: (["predict", "--ckpt", r / "ft", "--images", r / "data",

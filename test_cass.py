@@ -1383,22 +1383,57 @@ def test_a_refused_command_says_one_sentence_exits_2_and_changes_no_file(group, 
     assert set(after) == set(before) or case == "a decompression bomb"  # found in the first epoch: a run folder
 
 
-def test_a_resumed_run_keeps_its_own_splits_and_removes_what_a_killed_process_left(tmp_path, capsys):
-    root = write_folder(tmp_path / "d", n=8)
+def _fault_temporary_files(runs, t, capsys):  # what kill -9 in the middle of a write leaves
+    run = _copy_run(runs, t, "log.jsonl")
+    (run / ".last.pt.tmp999999").write_bytes(b"half a checkpoint")
+    (run / "splits" / ".train.csv.tmp999999").write_bytes(b"half")
+    assert cli(["pretrain", "--resume", "--out", run, "--epochs", "2"], capsys)[0] == 0
+    assert not list(run.rglob(".*.tmp*")) and (run / "cnn.pt").is_file()
+
+
+def _fault_log_line_after_the_checkpoint(runs, t, capsys):  # killed between the log line and last.pt
+    run = _copy_run(runs, t, "log.jsonl")
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "loss": 9.0}\n')
+    assert cli(["pretrain", "--resume", "--out", run, "--epochs", "2"], capsys)[0] == 0
+    log = read_log(run / "log.jsonl")
+    assert [r["epoch"] for r in log] == [0, 1, 2] and log[-1]["loss"] != 9  # the line last.pt did not count went
+
+
+def _fault_image_removed_since_the_start(runs, t, capsys):  # as the message about a bad image tells the user to
+    root = write_folder(t / "d", n=8)
     args = [*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "1", "--keep-last", "--out",
-            tmp_path / "r"]
+            t / "r"]
     code, first = cli(args, capsys)
-    assert code == 0, first
-    splits = snapshot(tmp_path / "r" / "splits")
-    gone = cass.read_csv(tmp_path / "r" / "splits" / "val.csv")[1][0][0]
-    (root / gone).unlink()  # as the message about an undecodable image tells the user to
-    (tmp_path / "r" / ".last.pt.tmp999999").write_bytes(b"half a checkpoint")  # what kill -9 leaves
-    (tmp_path / "r" / "splits" / ".train.csv.tmp999999").write_bytes(b"half")
+    splits = snapshot(t / "r" / "splits")
+    (root / cass.read_csv(t / "r" / "splits" / "val.csv")[1][0][0]).unlink()
     code, again = cli([*args, "--resume", "--epochs", "2"], capsys)
     assert code == 0, again
     count = lambda text: text.split(" images at ")[0].split()[-1]  # noqa: E731 (the header's training images)
     assert count(again) == count(first) and "1 of the" in again  # the validation image did not move into train
-    assert snapshot(tmp_path / "r" / "splits") == splits and not list((tmp_path / "r").rglob(".*.tmp*"))
+    assert snapshot(t / "r" / "splits") == splits
+
+
+def _fault_ctrl_c_inside_a_write(runs, t, capsys):
+    (t / "m.json").write_text("the old one\n")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            cass.write_json({"new": 1}, t / "m.json")
+    assert (t / "m.json").read_text() == "the old one\n" and [p.name for p in t.iterdir()] == ["m.json"]
+
+
+FAULTS = {  # faults: nothing lost, and the run goes on from where it was
+    "a killed process's temporary files": _fault_temporary_files,
+    "a log line written after the last checkpoint": _fault_log_line_after_the_checkpoint,
+    "an image removed since the run started": _fault_image_removed_since_the_start,
+    "Ctrl-C inside a write": _fault_ctrl_c_inside_a_write,
+}
+
+
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_after_a_fault_nothing_is_lost_and_a_resumed_run_is_the_run_it_was(case, runs, tmp_path, capsys):
+    FAULTS[case](runs, tmp_path, capsys)
 
 
 def test_resume_takes_the_same_root_spelled_another_way(runs, monkeypatch):
@@ -1406,34 +1441,79 @@ def test_resume_takes_the_same_root_spelled_another_way(runs, monkeypatch):
     assert cass.resolve("pretrain", dict(resume=True, out=str(runs / "pre"), root="data"))["root"] == str(runs / "data")
 
 
-def test_predict_predicts_every_image_that_decodes_and_names_every_one_that_does_not(runs, tmp_path, capsys):
-    new = write_folder(tmp_path / "new", ("x",), 3)
+def _bad_images_in_a_folder(t):
+    new = write_folder(t / "new", ("x",), 3)
     (new / "x" / "broken.png").write_bytes(b"not a png")
     (new / "x" / "empty.jpg").write_bytes(b"")
     (new / "x" / "deeper").mkdir()
     class_image(1, 9).save(new / "x" / "deeper" / "scan, 2.png")  # a comma in a name: the CSV quotes it
-    args = ["predict", "--ckpt", runs / "ft", "--images", new, "--out", tmp_path / "p.csv", "--workers", "0"]
+    return new, ["broken.png", "empty.jpg"], 4
+
+
+def _bad_images_in_a_csv(t):
+    new = write_folder(t / "new", ("x",), 3)
+    (new / "x" / "broken.png").write_bytes(b"\x89PNG then nothing")
+    write_csv(t / "list.csv", [["Image"], *([str(p)] for p in sorted((new / "x").iterdir())), ["gone.png"]])
+    return t / "list.csv", ["broken.png", "gone.png"], 3
+
+
+PREDICT = {  # (t) -> (--images, the names the message gives, rows predicted)
+    "a folder with an undecodable, an empty and a nested image": _bad_images_in_a_folder,
+    "a CSV listing an undecodable and a missing image": _bad_images_in_a_csv,
+    "the same, decoded in worker processes": _bad_images_in_a_csv,
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT))
+def test_predict_predicts_every_image_that_decodes_and_names_every_one_that_does_not(case, runs, tmp_path, capsys):
+    images, bad, good = PREDICT[case](tmp_path)
+    args = ["predict", "--ckpt", runs / "ft", "--images", images, "--out", tmp_path / "p.csv",
+            "--workers", "2" if "worker" in case else "0"]
     code, out = cli(args, capsys)
-    assert code == 2 and "2 of the 6 images" in out and "broken.png" in out and "empty.jpg" in out, out
+    assert code == 2 and f"{len(bad)} of the {len(bad) + good} images" in out and all(b in out for b in bad), out
     header, rows, _ = cass.read_csv(tmp_path / "p.csv")
-    assert len(rows) == 4 and all(len(r) == 5 for r in rows) and rows[0][0].endswith("scan, 2.png")
-    (new / "x" / "broken.png").unlink()
-    (new / "x" / "empty.jpg").unlink()
-    assert cli(args, capsys)[0] == 2  # an earlier result is not replaced
-    assert cli([*args, "--overwrite"], capsys)[0] == 0 and len(cass.read_csv(tmp_path / "p.csv")[1]) == 4
+    assert len(rows) == good and all(len(r) == 5 and not any(b in r[0] for b in bad) for r in rows)
+    if "folder" in case:
+        assert any(r[0].endswith("scan, 2.png") for r in rows)
+        for name in bad:
+            (images / "x" / name).unlink()
+        assert cli([*args, "--overwrite"], capsys)[0] == 0 and len(cass.read_csv(tmp_path / "p.csv")[1]) == good
 
 
-def test_csvs_as_spreadsheets_export_them_are_read_and_names_with_commas_survive_the_split_files(tmp_path):
+NAMES = ["i/x/x, 0.png", *(f"i/x/x_{k}.png" for k in range(1, 4)), *(f"i/y/y_{k}.png" for k in range(4))]
+ROWS = "".join(f'"{n}",{n[2]}\n' for n in NAMES)
+SPREADSHEET_CSVS = {  # accepted as they come: the same table each time
+    "a byte-order mark": "\ufeffimage,label\n" + ROWS,
+    "Image and Label in capitals": "Image,Label\n" + ROWS,
+    "blank lines, one of them last": "image,label\n\n" + ROWS.replace("\n", "\n\n", 2) + "\n\n",
+    "spaces around cells": "image , label\n" + ROWS.replace(",x", ", x ").replace(",y", ",  y"),
+    "Windows line ends": ("image,label\n" + ROWS).replace("\n", "\r\n"),
+    "an image listed twice with one label": "image,label\n" + ROWS + f'"{NAMES[0]}",x\n',
+}
+
+
+@pytest.mark.parametrize("case", list(SPREADSHEET_CSVS))
+def test_csvs_as_spreadsheets_export_them_are_read(case, tmp_path):
     write_folder(tmp_path / "i", ("x", "y"), 4)
     (tmp_path / "i" / "x" / "x_0.png").rename(tmp_path / "i" / "x" / "x, 0.png")
-    names = [f"i/{c}/{c}_{k}.png" if (c, k) != ("x", 0) else "i/x/x, 0.png" for c in "xy" for k in range(4)]
-    text = "\ufeffImage,Label\r\n\r\n" + "".join(f'"{n}", {n[2]}\r\n' for n in names) + "\r\n\r\n"
-    (tmp_path / "l.csv").write_text(text, encoding="utf-8")  # a byte-order mark, capitals, blank lines, spaces
+    (tmp_path / "l.csv").write_bytes(SPREADSHEET_CSVS[case].encode())
     table = cass.load_table("csv", tmp_path / "l.csv")
-    assert table.classes == ["x", "y"] and table.keys == names
+    assert table.classes == ["x", "y"] and table.keys == NAMES
+    assert [int(np.argmax(table.labels[n])) for n in NAMES] == [0] * 4 + [1] * 4
+
+
+def test_names_with_commas_and_quotes_survive_the_split_files_and_the_predictions(runs, tmp_path, capsys):
+    root = write_folder(tmp_path / "d", ("a", "b"), 6)
+    for c in "ab":
+        (root / c / f"{c}_0.png").rename(root / c / f'{c}, "0".png')
+    table = cass.load_table("folder", root)
     splits = cass.make_splits(table)
     cass.write_splits(table, splits, tmp_path / "s")
     assert cass.load_splits(dict(splits=str(tmp_path / "s")), table) == (splits, str(tmp_path / "s"))
+    assert cli(["predict", "--ckpt", runs / "ft", "--images", root, "--out", tmp_path / "p.csv", "--workers", "0"],
+               capsys)[0] == 0
+    with open(tmp_path / "p.csv", newline="") as f:  # as any other program reads it
+        assert sorted(r[0] for r in list(csv.reader(f))[1:]) == sorted(str(root / k) for k in table.keys)
 
 
 def test_a_class_with_a_single_image_keeps_it_for_training(tmp_path):

@@ -183,11 +183,11 @@ def load_splits(cfg, table):
         if not {"train", "val", "test"} <= set(names):
             raise UserError(f"{folder} holds no train.csv, val.csv and test.csv; use --splits auto to compute splits")
         splits = {n: list(dict.fromkeys(r[0] for r in read_csv(folder / f"{n}.csv")[1])) for n in names}
-        unlisted = len(set(table.keys) - set().union(*splits.values()))
-        if unlisted:
-            print(f"note: {unlisted} of the {len(table.keys)} images of --data {table.name} are in none of the split "
-                  f"files in {folder}: the run leaves them out")
     listed, source = sorted(set().union(*splits.values())), f"--data {table.name}" if choice == "auto" else folder
+    unlisted = len(set(table.keys) - set(listed))
+    if unlisted:
+        print(f"note: {unlisted} of the {len(table.keys)} images of --data {table.name} are in none of the split "
+              f"files in {folder}: the run leaves them out")
     missing = set(missing_images(table, listed))  # one stat per image
     if missing and choice != "auto" and not resumed:
         n, keys = next((n, k) for n, k in splits.items() if missing.intersection(k))
@@ -980,11 +980,11 @@ def predict(cfg):
     if not table.keys:
         raise UserError(f"--images {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     probs, targets = ensemble_probabilities(ckpts, table, table.keys, rt, cfg["workers"], skip_bad=True)
-    bad = [str(table.path(k)) for k, y in zip(table.keys, targets) if y.isnan().any()]
-    rows = [["image", *classes, "predicted"]]
-    for key, p, y in zip(table.keys, probs.tolist(), targets):
+    failed = targets.isnan().any(1).tolist()  # images that did not decode
+    bad, rows = [str(table.path(k)) for k, f in zip(table.keys, failed) if f], [["image", *classes, "predicted"]]
+    for key, p, f in zip(table.keys, probs.tolist(), failed):
         label = ";".join(c for c, v in zip(classes, p) if v > 0.5) if multilabel else classes[int(np.argmax(p))]
-        rows += [] if y.isnan().any() else [[str(table.path(key)), *(f"{v:.6f}" for v in p), label]]
+        rows += [] if f else [[str(table.path(key)), *(f"{v:.6f}" for v in p), label]]
     write_csv(rows, out)
     print(f"wrote the predictions for {len(rows) - 1} images to {out}")
     if bad:

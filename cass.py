@@ -166,8 +166,7 @@ def missing_images(table, keys):
     sizes = {k: size(k) for k in keys}
     empty = [k for k, n in sizes.items() if n == 0]
     if empty:
-        raise UserError(f"{len(empty)} image file(s) are empty (0 bytes), first: {table.path(empty[0])}; remove or "
-                        "replace them")
+        raise UserError(f"{len(empty)} image file(s) are empty (first: {table.path(empty[0])}); remove or replace them")
     return [k for k, n in sizes.items() if n < 0]
 
 def load_splits(cfg, table):
@@ -195,8 +194,8 @@ def load_splits(cfg, table):
                         f"missing under {table.image_dir or 'the arrays'} (first: {min(missing.intersection(keys))}); "
                         "use --splits auto to compute splits from the images on disk")
     if len(missing) == len(listed):
-        raise UserError(f"none of the {len(listed)} images that {source} lists exist (first: "
-                        f"{table.path(listed[0]) if listed else 'none listed'})")
+        raise UserError(f"none of the {len(listed)} images that {source} lists exist (first: {table.path(listed[0])})"
+                        if listed else f"{source} lists no image")
     if missing:
         print(f"note: {len(missing)} of the {len(listed)} images that {source} lists are not on disk (first: "
               f"{table.path(min(missing))}); the splits use the other {len(listed) - len(missing)}")
@@ -1051,11 +1050,12 @@ def _class_folders(root, folders, name, layout):
     """A Table of <class>/<images> trees: paths relative to `root`, the class from the folder under `folders`."""
     rel = []
     for folder in folders:
-        for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = image_files(sub)
-            if not files:
-                raise UserError(f"class folder {sub} holds no images; remove it or add images (--data {name} expects "
-                                f"{layout})")
+        for sub in sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")):
+            files = image_files(sub) if sub.is_dir() else []
+            if not files and (sub.is_dir() or sub.suffix.lower() in IMAGE_SUFFIXES):  # said, never dropped
+                raise UserError(f"{sub} is " + ("a class folder without images; add images or remove it" if sub.is_dir()
+                                else "an image outside the class folders: move it into its class's folder") +
+                                f" (--data {name} expects {layout})")
             rel += [str(f.relative_to(root)) for f in files]
     return _labelled_paths(root, rel, name, layout, depth=len(Path(folders[0]).relative_to(root).parts))
 
@@ -1116,8 +1116,8 @@ def _csv_labels(path, header, rows, lines):
         if len(r) == len(header) and all(v == "" for v in r[1:]):
             continue  # an unlabelled image (pretraining only)
         if len(r) != len(header) or any(v not in ("0", "1", "0.0", "1.0") for v in r[1:]):
-            raise UserError(f"CSV {path}, line {n}: the label columns ({','.join(header[1:6])}) must hold 0 or 1, "
-                            f"found {','.join(r[1:6]) or 'nothing'}")
+            raise UserError(f"CSV {path}, line {n}: the {len(header) - 1} label columns ({','.join(header[1:6])}) must "
+                            f"each hold 0 or 1, found {len(r) - 1} cell(s): {','.join(r[1:6]) or 'none'}")
         labels[r[0]] = np.array([float(v) for v in r[1:]], dtype=np.float32)
     return header[1:], any(v.sum() != 1 for v in labels.values()), labels
 
@@ -1271,8 +1271,7 @@ def read_stats(values, rt, where):
         values /= rt.world
     values = values.tolist()
     if not math.isfinite(values[0]):
-        raise UserError(f"the loss became {values[0]} in {where}; stopped (last.pt holds the last finished epoch); "
-                        "try a lower --lr")
+        raise UserError(f"the loss became {values[0]} in {where}; stopped, last.pt has the epochs before: lower --lr")
     return values
 
 def atomic_write(path, data):
@@ -1535,9 +1534,8 @@ def resolve(command, given, kind=None):
             raise UserError(f"--resume: {given['out']} holds a {cfg.get('command')} run, not a {kind or command} one; "
                             "resume it with the command that started it")
         norm = lambda k, v: str(Path(v).resolve()) if k == "root" and v else v  # noqa: E731 (one path, two spellings)
-        changed = [k for k, v in given.items() if k not in RESUMABLE and norm(k, cfg.get(k)) != norm(k, v)]
-        if changed:
-            flag = changed[0]
+        flag = next((k for k, v in given.items() if k not in RESUMABLE and norm(k, cfg.get(k)) != norm(k, v)), None)
+        if flag:
             raise UserError(f"--resume continues {given['out']} with its own settings, but --{flag.replace('_', '-')} "
                             f"{given[flag]} differs from its {cfg.get(flag)}: drop the flag")
         return {**cfg, **{k: given[k] for k in RESUMABLE if k in given}}

@@ -942,7 +942,7 @@ def _bad_csv_columns(t):
 def _bad_csv_labels(t):
     write_folder(t / "imgs", ("x",), 4)
     write_csv(t / "x.csv", [["image", "p", "q"]] + [[f"imgs/x/x_{i}.png", "2", "0"] for i in range(4)])
-    return ["--data", "csv", "--root", str(t / "x.csv")], "must hold 0 or 1"
+    return ["--data", "csv", "--root", str(t / "x.csv")], "must each hold 0 or 1"
 
 
 def _bad_csv_no_images(t):
@@ -1278,6 +1278,12 @@ def _listed_twice(runs, t):
     return [*PRETRAIN, "--data", "csv", "--root", t / "l.csv", "--out", t / "r"], "lines 2 and 10"
 
 
+def _loose_image(t):  # it has no class: said, not dropped
+    root = write_folder(t / "d", ("a", "b"), 4)
+    class_image(0, 9).save(root / "loose.png")
+    return [*PRETRAIN, "--data", "folder", "--root", root, "--out", t / "r"], "loose.png is an image outside"
+
+
 def _bomb(runs, t, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 24 x 24 image is then a decompression bomb
     return [*PRETRAIN, "--data", "folder", "--root", runs / "data", "--out", t / "r", "--epochs", "1"], "Decompression"
@@ -1327,6 +1333,7 @@ REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sent
     "nothing silent": {
         "a class only in Testing/": lambda r, t, m: _class_only_in_testing(r, t),
         "an image listed twice with two labels": lambda r, t, m: _listed_twice(r, t),
+        "an image outside the class folders": lambda r, t, m: _loose_image(t),
         **{f"--{flag} {value}": (lambda flag, value: lambda r, t, m: (
             [*PRETRAIN, "--data", "folder", "--root", r / "data", "--out", t / "r", f"--{flag}", value], f"--{flag}"))(
             flag, value) for flag, value in (("epochs", "0"), ("patch-size", "0"), ("batch-size", "0"),
@@ -1359,7 +1366,9 @@ REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sent
     "messages that say what to do": {
         "resume of a finished run": lambda r, t, m: ([*FINETUNE, "--resume", "--out", r / "ft"], "--keep-last"),
         "a CSV with labels other than 0 and 1": lambda r, t, m: (
-            [*PRETRAIN, "--data", "csv", "--root", _bad_csv_labels(t)[0][3], "--out", t / "r"], "found 2,0"),
+            [*PRETRAIN, "--data", "csv", "--root", _bad_csv_labels(t)[0][3], "--out", t / "r"], "2 cell(s): 2,0"),
+        "a CSV line with too few label cells": lambda r, t, m: ((t / "s.csv").write_text("image,p,q\na.png,1\n"), [
+            *PRETRAIN, "--data", "csv", "--root", t / "s.csv", "--out", t / "r"])[1:] + ("found 1 cell(s): 1",),
     },
 }
 

@@ -1297,7 +1297,7 @@ def read_json(path):
     try:
         return json.load(open(path))
     except ValueError:
-        raise UserError(f"{path} is damaged (not JSON), so its run cannot be used; run it again (another --out)") from None
+        raise UserError(f"{path} is damaged (not JSON): its run cannot be used; run it again (another --out)") from None
 
 def append_jsonl(obj, path):
     with open(path, "a") as f:

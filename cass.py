@@ -960,8 +960,8 @@ def evaluate(cfg):
     return result
 
 def predict(cfg):
-    """Per-class probabilities and the predicted label of new images (a folder, by image_files, or a CSV with an
-    `image` column) as evaluation sees them, in a CSV; those that do not decode are named at the end (exit 2)."""
+    """Per-class probabilities and the predicted label of new images (a folder, by image_files, an image, or a CSV
+    with an `image` column) as evaluation sees them, in a CSV; those that do not decode are named at the end."""
     rt = make_runtime(cfg["device"], "auto")
     ckpts = [load_finetuned(p) for p in cfg["ckpt"]]
     source, out = Path(cfg["images"]), Path(cfg["out"] or "predictions.csv")
@@ -969,13 +969,14 @@ def predict(cfg):
     classes, multilabel = ckpts[0][1]["classes"], ckpts[0][1]["multilabel"]
     if any(list(o["classes"]) != list(classes) for _, o in ckpts):
         raise UserError("the --ckpt files were made for different classes; an ensemble needs the same ones")
-    if source.is_dir():
-        keys = [str(p.relative_to(source)) for p in image_files(source)]
-        table = Table("predict", classes, multilabel, {}, keys, image_dir=str(source))
+    if source.is_dir() or source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:  # a folder, or one image
+        folder = source if source.is_dir() else source.parent
+        keys = [str(p.relative_to(folder)) for p in image_files(source)] if source.is_dir() else [source.name]
+        table = Table("predict", classes, multilabel, {}, keys, image_dir=str(folder))
     elif source.is_file():
         table = replace(table_csv(source, "predict"), classes=classes, multilabel=multilabel, labels={})
     else:
-        raise UserError(f"--images {source} is neither a folder of images nor a CSV file")
+        raise UserError(f"--images {source} is neither a folder of images, an image nor a CSV file")
     if not table.keys:
         raise UserError(f"--images {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     probs, targets = ensemble_probabilities(ckpts, table, table.keys, rt, cfg["workers"], skip_bad=True)
@@ -1502,7 +1503,7 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "ckpt": ("ex", None, "a fine-tuned best.pt or its run folder; repeat it for an ensemble (the mean probability)",
              dict(action="append", required=True)),
     "split": ("e", "test", "the split to evaluate", dict(choices=["test", "val"])),
-    "images": ("x", None, "a folder of images (searched recursively) or a CSV with an 'image' column",
+    "images": ("x", None, "a folder of images (searched recursively), an image, or a CSV with an 'image' column",
                dict(required=True)),
     "listing": ("s", None, "brain_mri: a list of Training/... and Testing/... paths; isic2019: the ground-truth CSV, "
                 "so that the split files cover the whole public dataset (default: the images under --root)", {}),

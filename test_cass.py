@@ -788,6 +788,9 @@ def test_predict_writes_class_probabilities_and_labels_of_new_images_as_evaluati
     assert cass.main(["predict", "--ckpt", tmp_path / "f" / "best.pt", "--images", tmp_path / "list.csv", "--out",
                       tmp_path / "q.csv", "--device", "cpu", "--workers", "0"]) == 0
     assert cass.read_csv(tmp_path / "q.csv")[1] == rows
+    assert cass.main(["predict", "--ckpt", tmp_path / "f", "--images", rows[0][0], "--out", tmp_path / "one.csv",
+                      "--device", "cpu", "--workers", "0"]) == 0  # one image
+    assert cass.read_csv(tmp_path / "one.csv")[1] == rows[:1]
 
 
 # ------------------------------------------------------------------------------------------

@@ -248,8 +248,8 @@ class ImageDataset(Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), torch.full_like(self.targets[index], np.nan)
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay untouched
-                if seed is not None:
-                    torch.manual_seed(seed)
+                if seed is not None:  # the CPU generator only: torch.manual_seed would reseed CUDA's too
+                    torch.random.default_generator.manual_seed(seed)
                 img = self.transform(img)
         return img, self.targets[index]
 
@@ -406,6 +406,16 @@ def focal_loss(logits, targets, alpha=1.0, gamma=2.0, class_weights=None):
     p_t = torch.exp(-bce)  # the probability given to the true value of each class
     loss = alpha * (1 - p_t) ** gamma * bce
     return (loss * class_weights.to(loss.device) if class_weights is not None else loss).mean()
+
+def term_weights(targets, weights, kind, multilabel):
+    """The focal loss's weight of each term [B, C] from the class weights [C]. A constant per column (`paper`, the
+    notebooks) only scales each row of a linear head's gradient, and Adam divides that scale out: it cannot
+    rebalance. So an image weighs its true class's weight (single-label), or each positive term its class's weight
+    and each negative 1 (multi-label, BCE's pos_weight); on the training split inverse weights then average 1."""
+    if weights is None or kind == "paper":
+        return weights
+    weights = weights.to(targets.device)
+    return targets * weights + (1 - targets) if multilabel else (targets @ weights)[:, None].expand_as(targets)
 
 def class_weights(counts, kind="inverse"):
     """Per-class focal-loss weights from the training split's class counts [C]. inverse (default): N / (C * count),
@@ -635,13 +645,13 @@ def pretrain(cfg, store=None):
         try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
             for epoch in range(start, cfg["epochs"]):
                 sampler.set_epoch(epoch)
-                t0 = time.perf_counter()
+                t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
                 r = pretrain_epoch(train_cnn, train_vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch)
                 seconds = time.perf_counter() - t0
                 if epoch >= cfg["swa_start"]:  # SWA: the average of the weights at the end of each epoch
                     swa_cnn.update_parameters(cnn)
                     swa_vit.update_parameters(vit)
-                r = dict(epoch=epoch + 1, **r, lr=optimizer.param_groups[0]["lr"], seconds=seconds,
+                r = dict(epoch=epoch + 1, **r, lr=lr, seconds=seconds,
                          std_healthy=1 / math.sqrt(cfg["out_dim"]), swa_models=int(swa_cnn.n_averaged),
                          images_per_s=r.pop("steps") * cfg["batch_size"] / seconds)
                 if rt.rank == 0:
@@ -659,6 +669,10 @@ def pretrain(cfg, store=None):
                 bn = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"] + 1)
                 recompute_batchnorm(swa_cnn, make_loader(dataset, bn, cfg["batch_size"], cfg["workers"], rt), rt)
                 cnn, vit = swa_cnn.module, swa_vit.module
+            if mon is not None and start < cfg["epochs"]:  # the verdict is about the files written, not the live weights
+                r = dict(epoch=cfg["epochs"], phase="saved", **monitor(dict(cnn=cnn, vit=vit), mon, rt))
+                append_jsonl(r, out / "log.jsonl")
+                print(format_monitor(r, "saved encoders"))
             for arm, model in (("cnn", cnn), ("vit", vit)):
                 kwargs = encoder_kwargs(cfg[arm], cfg["img_size"], cfg["patch_size"])
                 atomic_write(out / f"{arm}.pt", encoder_record(model, cfg[arm], kwargs, arm, cfg))
@@ -711,7 +725,7 @@ def finetune_epoch(model, loader, optimizer, scaler, weights, rt, cfg, prep, des
         optimizer.zero_grad(set_to_none=True)
         with rt.autocast():
             logits = model(prep(x))  # [B, C]
-            loss = focal_loss(logits, y, cfg["focal_alpha"], cfg["focal_gamma"], weights)  # paper B.2.2
+            loss = focal_loss(logits, y, cfg["focal_alpha"], cfg["focal_gamma"], weights(y))  # paper B.2.2
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -764,6 +778,7 @@ def init_encoder(cfg, num_classes):
         path = path / f"{arm}.pt"
     obj = load_checkpoint(path, "--init")
     model = load_encoder(obj, f"--init {path}", num_classes)  # refuses a file of another kind
+    model.reset_classifier(num_classes)  # always a fresh head, even when its width is the pretraining head's
     if arm and obj["arm"] != arm:
         raise UserError(f"--init {path} holds the {obj['arm']} arm but --arm is {arm}")
     if is_vit(obj["model"]) and obj["kwargs"].get("img_size") != cfg["img_size"]:
@@ -806,8 +821,8 @@ def finetune(cfg, store=None):
     cached = {s: decode_all(table, k, cfg, store) for s, k in keys.items()}
     train_ds = ImageDataset(table, keys["train"], size, cass_augment(), cached["train"])  # paper B.2.1
     eval_ds = {s: ImageDataset(table, keys[s], size, cache=cached[s]) for s in ("val", "test")}
-    weights = class_weights(train_ds.targets.sum(0), cfg["class_weights"])
-    weights = weights.to(rt.device) if weights is not None else None
+    w = class_weights(train_ds.targets.sum(0), cfg["class_weights"])
+    weights = lambda y: term_weights(y, w, cfg["class_weights"], table.multilabel)  # noqa: E731
     # -- model ------------------------------------------------------------------------------------
     model, name, kw, cfg["arm"] = init_encoder(cfg, len(table.classes))
     model = to_device(model, rt, name)
@@ -815,7 +830,8 @@ def finetune(cfg, store=None):
         # The control for CASS's CNN: a random CNN whose BatchNorm statistics are re-estimated on the unlabelled
         # training images. A gain over it is learned; a gain over `random` alone may be recalibration.
         everything = ImageDataset(table, splits["train"], size, cache=decode_all(table, splits["train"], cfg, store))
-        recompute_batchnorm(model, make_loader(everything, None, cfg["batch_size"], cfg["workers"], rt), rt)
+        shuffled = EpochSampler(len(everything), cfg["batch_size"], cfg["seed"], drop_last=False)  # never class-sorted
+        recompute_batchnorm(model, make_loader(everything, shuffled, cfg["batch_size"], cfg["workers"], rt), rt)
     eval_loader = {s: make_loader(d, None, cfg["batch_size"], cfg["workers"], rt) for s, d in eval_ds.items()}
     trainable, prep, workers = model, normalize, cfg["workers"]
     if cfg["mode"] == "linear":
@@ -851,20 +867,20 @@ def finetune(cfg, store=None):
                 if stop["bad"] >= cfg["patience"]:
                     break
                 sampler.set_epoch(epoch)
-                t0 = time.perf_counter()
+                t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
                 loss = finetune_epoch(trainable, train_loader, optimizer, scaler, weights, rt, cfg, prep,
                                       f"epoch {epoch + 1}/{cfg['epochs']}")
                 seconds = time.perf_counter() - t0
                 scheduler.step()  # once per epoch
                 logits, targets = logits_of(trainable, eval_loader["val"], rt, prep)
-                val_loss = float(focal_loss(logits, targets, cfg["focal_alpha"], cfg["focal_gamma"], weights))
+                val_loss = float(focal_loss(logits, targets, cfg["focal_alpha"], cfg["focal_gamma"], weights(targets)))
                 val = classification_metrics(probabilities(logits, table.multilabel).numpy(), targets.numpy(),
                                              table.multilabel, table.classes)[headline]
                 stop = early_stopping(stop, val_loss, epoch + 1)
                 best = clone(trainable) if stop["best_epoch"] == epoch + 1 else best
                 speed = len(sampler) / seconds
                 append_jsonl(dict(epoch=epoch + 1, train_loss=loss, val_loss=val_loss, **{f"val_{headline}": val},
-                                  lr=optimizer.param_groups[0]["lr"], seconds=seconds, images_per_s=speed,
+                                  lr=lr, seconds=seconds, images_per_s=speed,
                                   best_epoch=stop["best_epoch"]), out / "log.jsonl")
                 print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {loss:.4f}  val loss {val_loss:.4f}  val "
                       f"{headline} {val:.4f}  {speed:.1f} img/s{'  *best' if stop['best_epoch'] == epoch + 1 else ''}")
@@ -1212,7 +1228,8 @@ def make_runtime(device="auto", precision="auto"):
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        # bf16 hardware from compute capability 8.0 (Ampere) on; is_bf16_supported() also counts emulation (7.x)
+        precision = ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16") if cuda else "fp32"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -1483,7 +1500,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "lr": ("pf", PRESET, "Adam learning rate", {}),
     "sched_unit": ("p", "epoch", "the cosine schedule moves once per epoch, or per step as the notebooks do",
                    dict(choices=["epoch", "step"])),
-    "swa_start": ("p", None, "first epoch (from 0) that SWA averages (default: the last quarter of --epochs)",
+    "swa_start": ("p", None, "first epoch (from 0) that SWA averages (default: the last quarter of --epochs; with the "
+                  "paper's T_max 16 per epoch, epochs 75-99 span a rate rising from 1e-6 back towards 1e-3)",
                   dict(type=int)),
     "seed": ("pf", 0, "fixes initialisation, data order and augmentation (the splits have their own seed, 0)", {}),
     "workers": ("pfex", PRESET, "data-loader processes (at most this machine's cores)", {}),

@@ -154,6 +154,34 @@ def test_dino_moves_the_teacher_and_the_centre_every_step_and_trains_only_the_st
         assert any(not torch.equal(a, b.detach()) for a, b in zip(student, learner.student_encoder.parameters()))
 
 
+def test_building_dino_leaves_the_cnns_batchnorm_statistics_as_they_were():
+    torch.manual_seed(0)
+    fresh = cass.create_encoder(DINO_CFG["cnn"], 0, {})  # the same seed, the network Dino is built around
+    torch.manual_seed(0)
+    learner = dino.build_learner(DINO_CFG, "cnn", CPU)  # its constructor runs a train-mode pass on noise
+    for net in (learner.student_encoder.net, learner.teacher_encoder.net):
+        got = dict(net.named_buffers())
+        for k, v in fresh.named_buffers():
+            assert torch.equal(got[k], v), k
+
+
+def test_bench_refuses_to_compare_a_compiled_or_checkpointed_cass_step_with_dino(capsys):
+    for flag in ("--compile", "--grad-checkpointing"):
+        assert bench.main([*TINY, "--out-dim", "16", "--steps", "1", "--dino", flag]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--dino compares" in err
+
+
+def test_explain_tells_a_vit_as_cass_does_not_by_a_blocks_attribute():
+    import timm
+
+    effnet = timm.create_model("efficientnet_b0", pretrained=False)  # has .blocks, is no ViT
+    assert explain.tokens_to_grid(effnet) is None
+    assert explain.target_layer(effnet) is effnet.get_submodule(effnet.feature_info[-1]["module"])
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8)
+    assert explain.target_layer(vit) is vit.blocks[-1].norm1 and explain.tokens_to_grid(vit) is not None
+
+
 def test_dino_recipes_set_the_class_arguments():
     learner = dino.build_learner({**DINO_CFG, "recipe": "dino-paper"}, "vit", CPU)
     assert learner.student_temp == 0.1 and learner.teacher_ema_updater.beta == 0.996

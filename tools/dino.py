@@ -62,8 +62,13 @@ def build_learner(cfg, arm, rt):
     kwargs = cass.encoder_kwargs(name, cfg["img_size"], cfg["patch_size"])
     weights = cfg[f"{arm}_weights"] or ("imagenet" if cfg["pretrained"] else None)
     backbone = cass.to_device(cass.create_encoder(name, 0, kwargs, weights), rt, name)
-    return Dino(backbone, image_size=cfg["img_size"], hidden_layer=-1, num_classes_K=cfg.get("prototypes", K),
-                **RECIPES[cfg["recipe"]])
+    buffers = {k: v.clone() for k, v in backbone.named_buffers()}  # the mock batch is a train-mode pass on noise:
+    learner = Dino(backbone, image_size=cfg["img_size"], hidden_layer=-1, num_classes_K=cfg.get("prototypes", K),
+                   **RECIPES[cfg["recipe"]])
+    for net in (learner.student_encoder.net, learner.teacher_encoder.net):  # BatchNorm's statistics go back to
+        for k, v in net.named_buffers():  # the network it started from (the ImageNet one with --pretrained)
+            v.copy_(buffers[k])
+    return learner
 
 
 class Student(nn.Module):

@@ -24,14 +24,14 @@ import cass  # noqa: E402
 
 def target_layer(model):
     """The layer whose activations Grad-CAM weighs: a ViT's last block, a CNN's last feature stage."""
-    if hasattr(model, "blocks"):
+    if cass.is_vit(model.default_cfg["architecture"]):
         return model.blocks[-1].norm1
     return model.get_submodule(model.feature_info[-1]["module"])
 
 
 def tokens_to_grid(model):
     """[B, prefix + h*w, C] tokens -> [B, C, h, w], for Grad-CAM on a ViT (None for a CNN)."""
-    if not hasattr(model, "blocks"):
+    if not cass.is_vit(model.default_cfg["architecture"]):
         return None
     h, w = model.patch_embed.grid_size
 

@@ -55,7 +55,7 @@ def kind_of(folder):
 
 def series(rows, key):
     """(epochs, values) of the log lines that hold `key`."""
-    points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+    points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None and r.get("phase") != "saved"]
     return [p[0] for p in points], [p[1] for p in points]
 
 

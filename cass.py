@@ -528,6 +528,7 @@ def monitor(arms, loaders, rt, baselines=False):
     if len(z) == 2:
         m["val_cos"] = float((z["cnn"] * z["vit"]).sum(-1).mean())
     m["majority"] = float(vy.bincount().max() / len(vy))
+    m["knn_se"] = 0.5 / math.sqrt(len(vy))  # the largest standard error of an accuracy on len(vy) queries
     if baselines:
         def pixels(loader):
             x = torch.cat([x for x, _ in loader]).float()
@@ -701,7 +702,8 @@ def format_monitor(m, head):
     each = lambda key, f: "/".join(format(m[key.format(a)], f) for a in arms)  # noqa: E731
     line = (f"{head}  val spread {'/'.join(arms)} {each('val_std_{}', '.4f')}  rank {each('rank_{}', '.1f')}  pc1 "
             f"{each('pc1_{}', '.2f')}" + (f"  cos {m['val_cos']:.3f}" if "val_cos" in m else "") + "  20-NN features "
-            f"{each('knn_{}_feat', '.3f')}, outputs {each('knn_{}_out', '.3f')}")
+            f"{each('knn_{}_feat', '.3f')}, outputs {each('knn_{}_out', '.3f')}" +
+            (f" (s.e. up to {m['knn_se']:.3f})" if "knn_se" in m else ""))
     return line + f" (majority class {m['majority']:.3f}" + (f", raw pixels {m['knn_raw_pixels']:.3f})" if
                                                              "knn_raw_pixels" in m else ")")
 
@@ -1501,12 +1503,12 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "sched_unit": ("p", "epoch", "the cosine schedule moves once per epoch, or per step as the notebooks do",
                    dict(choices=["epoch", "step"])),
     "swa_start": ("p", None, "first epoch (from 0) that SWA averages (default: the last quarter of --epochs; with the "
-                  "paper's T_max 16 per epoch, epochs 75-99 span a rate rising from 1e-6 back towards 1e-3)",
+                  "paper's T_max 16 per epoch, epochs 75-99 span rates from 1e-6 at epoch 80 to 1e-3 at 96)",
                   dict(type=int)),
     "seed": ("pf", 0, "fixes initialisation, data order and augmentation (the splits have their own seed, 0)", {}),
     "workers": ("pfex", PRESET, "data-loader processes (at most this machine's cores)", {}),
     "device": ("pfex", "auto", "auto: CUDA where there is one", dict(choices=["auto", "cpu", "cuda"])),
-    "precision": ("pf", "auto", "auto: bf16 autocast on CUDA (fp16 and loss scaling without bf16), fp32 on a CPU",
+    "precision": ("pf", "auto", "auto: bf16 autocast on CUDA from compute capability 8.0, fp16 with loss scaling below, fp32 on a CPU",
                   dict(choices=["auto", "fp32", "bf16", "fp16"])),
     "compile": ("p", False, "torch.compile both encoders (GPU: faster after a minute of compiling)", {}),
     "sync_bn": ("p", False, "under torchrun on CUDA: BatchNorm statistics over the global batch", {}),

@@ -228,6 +228,17 @@ def test_a_dino_run_gives_encoders_that_finetune_and_load_model_take_as_a_cass_r
         assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
+def test_dino_writes_the_student_by_default_and_the_teacher_when_asked(tmp_path):
+    root = write_folder(tmp_path / "d", n=8)
+    common = [*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "1",
+              "--prototypes", "256", "--arms", "cnn"]
+    for encoder in ("student", "teacher"):
+        assert dino.main([*common, "--encoder", encoder, "--out", tmp_path / encoder]) == 0
+    student, teacher = (torch.load(tmp_path / e / "cnn.pt", weights_only=True) for e in ("student", "teacher"))
+    assert student["dino_encoder"] == "student" and teacher["dino_encoder"] == "teacher"
+    assert not torch.equal(student["state_dict"]["conv1.weight"], teacher["state_dict"]["conv1.weight"])
+
+
 def _image():
     from PIL import Image
 

@@ -47,6 +47,9 @@ DINO_FLAGS = {  # flag: (default, help, argparse options)
              dict(nargs="+", choices=["cnn", "vit"])),
     "prototypes": (K, "K, the width of DINO's projection (vit_pytorch's default; the DINO paper used 65536)",
                    dict(type=int)),
+    "encoder": ("student", "the backbone written to <arm>.pt: student (learner.net, what the paper's use of "
+                "vit_pytorch.Dino keeps) or teacher (the moving average the DINO paper evaluates)",
+                dict(choices=["student", "teacher"])),
     "recipe": ("vit-pytorch", "vit-pytorch: the class's defaults, as the paper ran it (student temperature 0.9, "
                "teacher momentum 0.9); dino-paper: the DINO paper's 0.1 and 0.996",
                dict(choices=list(RECIPES))),
@@ -149,13 +152,13 @@ def run_pass(cfg, arm, loader, sampler, mon, rt, out, resume):
     try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
         for epoch in range(start, cfg["epochs"]):
             sampler.set_epoch(epoch)
-            t0 = time.perf_counter()
+            t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
             r = dino_epoch(learner, loader, optimizer, scaler, scheduler, rt, cfg,
                            f"{arm} epoch {epoch + 1}/{cfg['epochs']}")
             seconds, steps = time.perf_counter() - t0, r.pop("steps")
             r = dict(arm=arm, epoch=epoch + 1, loss=r["loss"], loss_first_step=r["loss_first_step"],
                      loss_last_step=r["loss_last_step"], **{f"std_{arm}": r["std"]},
-                     lr=optimizer.param_groups[0]["lr"], seconds=seconds, std_healthy=1 / math.sqrt(BOTTLENECK),
+                     lr=lr, seconds=seconds, std_healthy=1 / math.sqrt(BOTTLENECK),
                      images_per_s=steps * cfg["batch_size"] / seconds)
             if mon is not None:
                 t0 = time.perf_counter()
@@ -165,10 +168,11 @@ def run_pass(cfg, arm, loader, sampler, mon, rt, out, resume):
             cass.save_run(state, out, epoch + 1, cfg, arm=arm, python_rng=random.getstate())
     except KeyboardInterrupt:
         raise cass.interrupted(out, epoch) from None
-    backbone = learner.net
+    backbone = learner.net if cfg["encoder"] == "student" else learner.teacher_encoder.net
     backbone.reset_classifier(cfg["out_dim"])  # the head a CASS arm has; fine-tuning replaces it
     kwargs = cass.encoder_kwargs(cfg[arm], cfg["img_size"], cfg["patch_size"])
-    cass.atomic_write(out / f"{arm}.pt", cass.encoder_record(backbone, cfg[arm], kwargs, arm, cfg, method="dino"))
+    cass.atomic_write(out / f"{arm}.pt", cass.encoder_record(backbone, cfg[arm], kwargs, arm, cfg, method="dino",
+                                                                     dino_encoder=cfg["encoder"]))
     warning = cass.collapse_warning(r, BOTTLENECK) if r else ""
     print(f"wrote {out}/{arm}.pt" + (f"\n{warning}" if warning else ""), flush=True)
 

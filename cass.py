@@ -395,6 +395,9 @@ def objective(cfg, r, t):
     """The pretraining loss of a step. r, t: [B, D] outputs of the CNN and the ViT."""
     loss = cass_loss(r, t)  # eq. 1, VICReg's invariance term
     if cfg["objective"] == "cass-vc":
+        if dist.is_initialized() and dist.get_world_size() > 1:  # statistics of the global batch, as VICReg: every
+            from torch.distributed.nn import all_gather  # process computes the same term, gradients flow to each shard
+            r, t = torch.cat(all_gather(r)), torch.cat(all_gather(t))  # [B * W, D]
         (var_r, cov_r), (var_t, cov_t) = variance_covariance(r), variance_covariance(t)
         loss = loss + cfg["vc_weight"] * (var_r + var_t) + 0.04 * (cov_r + cov_t)  # VICReg's 25 : 25 : 1 at weight 1
     return loss
@@ -670,7 +673,7 @@ def pretrain(cfg, store=None):
                 bn = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"] + 1)
                 recompute_batchnorm(swa_cnn, make_loader(dataset, bn, cfg["batch_size"], cfg["workers"], rt), rt)
                 cnn, vit = swa_cnn.module, swa_vit.module
-            if mon is not None and start < cfg["epochs"]:  # the verdict is about the files written, not the live weights
+            if mon is not None and start < cfg["epochs"]:  # the verdict is about the files written, not live weights
                 r = dict(epoch=cfg["epochs"], phase="saved", **monitor(dict(cnn=cnn, vit=vit), mon, rt))
                 append_jsonl(r, out / "log.jsonl")
                 print(format_monitor(r, "saved encoders"))
@@ -718,7 +721,7 @@ def format_epoch(r, cfg):
 # ==== Fine-tuning (paper 4.2, B.2): one arm, focal loss, Adam 3e-4, cosine, early stopping =======================
 
 def finetune_epoch(model, loader, optimizer, scaler, weights, rt, cfg, prep, desc):
-    """One fine-tuning epoch; returns the mean training loss."""
+    """One fine-tuning epoch; returns the mean training loss. weights: targets -> term_weights(...), or None."""
     model.train()
     total = torch.zeros(1, dtype=torch.float64, device=rt.device)
     bar = Progress(loader, desc)
@@ -727,7 +730,7 @@ def finetune_epoch(model, loader, optimizer, scaler, weights, rt, cfg, prep, des
         optimizer.zero_grad(set_to_none=True)
         with rt.autocast():
             logits = model(prep(x))  # [B, C]
-            loss = focal_loss(logits, y, cfg["focal_alpha"], cfg["focal_gamma"], weights(y))  # paper B.2.2
+            loss = focal_loss(logits, y, cfg["focal_alpha"], cfg["focal_gamma"], weights and weights(y))  # B.2.2
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -1508,7 +1511,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "seed": ("pf", 0, "fixes initialisation, data order and augmentation (the splits have their own seed, 0)", {}),
     "workers": ("pfex", PRESET, "data-loader processes (at most this machine's cores)", {}),
     "device": ("pfex", "auto", "auto: CUDA where there is one", dict(choices=["auto", "cpu", "cuda"])),
-    "precision": ("pf", "auto", "auto: bf16 autocast on CUDA from compute capability 8.0, fp16 with loss scaling below, fp32 on a CPU",
+    "precision": ("pf", "auto", "auto: bf16 autocast on CUDA from compute capability 8.0, fp16 with loss scaling "
+                  "below it, fp32 on a CPU",
                   dict(choices=["auto", "fp32", "bf16", "fp16"])),
     "compile": ("p", False, "torch.compile both encoders (GPU: faster after a minute of compiling)", {}),
     "sync_bn": ("p", False, "under torchrun on CUDA: BatchNorm statistics over the global batch", {}),

@@ -141,9 +141,9 @@ def epoch_seconds(cfg):
         common = {**cfg, "epochs": 1, "resume": False, "keep_last": False}
         cass.pretrain({**common, "out": f"{tmp}/cass"})
         dino.pretrain({**{k: v for k, v in common.items() if k not in dino.CASS_ONLY}, "out": f"{tmp}/dino",
-                       "arms": ["cnn", "vit"], "recipe": "vit-pytorch"})
+                       "arms": ["cnn", "vit"], "recipe": "vit-pytorch", "encoder": "student"})
         logs = [json.loads(line) for run in ("cass", "dino") for line in open(f"{tmp}/{run}/log.jsonl")]
-    seconds = {r.get("arm", "cass"): r["seconds"] for r in logs if r["epoch"] == 1}
+    seconds = {r.get("arm", "cass"): r["seconds"] for r in logs if r["epoch"] == 1 and "seconds" in r}
     return seconds["cass"], seconds["cnn"], seconds["vit"]
 
 

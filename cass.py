@@ -476,7 +476,7 @@ def spectrum(z):
     """Dimensional collapse, invisible to the spread: the first principal component's share of the variance of
     the normalised outputs [N, D], and their effective rank (Roy and Vetterli 2007; D at most, 1 collapsed)."""
     z = F.normalize(z.float(), dim=-1)
-    p = torch.linalg.svdvals(z - z.mean(dim=0)) ** 2
+    p = torch.linalg.svdvals(z - z.mean(dim=0)) ** 2 if z.isfinite().all() else torch.full((1,), math.nan)
     p = p / p.sum().clamp_min(1e-30)
     return float(p[0]), float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
 
@@ -502,7 +502,7 @@ def encode(model, loader, rt):
     model.train(was_training)
     return torch.cat(feats), torch.cat(outs), torch.cat(ys)
 
-def monitor_loaders(table, splits, cfg, store):
+def monitor_loaders(table, splits, cfg, store, rt):
     """Fixed images of train (the bank) and val (the queries), unaugmented; None without class labels."""
     if table.multilabel or not table.labels:
         return None
@@ -510,10 +510,9 @@ def monitor_loaders(table, splits, cfg, store):
     for split, n in (("train", MONITOR["bank"]), ("val", MONITOR["queries"])):
         keys = [k for k in splits[split] if k in table.labels]
         keys = [keys[i] for i in sorted(rng.permutation(len(keys))[:n])]
-        cache = decode_all(table, keys, cfg, store)
-        loaders[split] = DataLoader(ImageDataset(table, keys, cfg["img_size"], cache=cache), batch_size=256,
-                                    num_workers=0 if cache is not None else cfg["workers"])
-    return loaders if all(len(v.dataset) for v in loaders.values()) else None
+        dataset = ImageDataset(table, keys, cfg["img_size"], cache=decode_all(table, keys, cfg, store))
+        loaders[split] = make_loader(dataset, None, 256, cfg["workers"], rt)
+    return loaders if all(len(v.dataset) > 1 for v in loaders.values()) else None  # a spread needs two
 
 def monitor(arms, loaders, rt, baselines=False):
     """The collapse monitor on the validation queries, for each encoder of `arms` ({"cnn": model, "vit": model} or
@@ -580,8 +579,7 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
         x = normalize(x.to(rt.device, non_blocking=True))  # uint8 -> float [B, 3, H, W], one view for both arms
         optimizer.zero_grad(set_to_none=True)  # every step (the notebooks never zero the gradients)
         with rt.autocast():
-            r = cnn(x)  # [B, D] CNN outputs
-            t = vit(x)  # [B, D] ViT outputs
+            r, t = cnn(x), vit(x)  # [B, D] outputs of the CNN and of the ViT
             loss = objective(cfg, r, t)  # gradients reach both encoders
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -620,7 +618,7 @@ def pretrain(cfg, store=None):
     dataset = ImageDataset(table, train, cfg["img_size"], cass_augment(), cache)
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
-    mon = monitor_loaders(table, splits, cfg, store) if rt.rank == 0 else None
+    mon = monitor_loaders(table, splits, cfg, store, rt) if rt.rank == 0 else None
     # -- encoders, optimiser, schedule, SWA ------------------------------------------------------
     cnn, vit = (to_device(m, rt, cfg[arm]) for m, arm in zip(build_pair(cfg), ("cnn", "vit")))
     optimizer = make_adam([*cnn.parameters(), *vit.parameters()], cfg["lr"])  # one Adam, both encoders
@@ -636,10 +634,10 @@ def pretrain(cfg, store=None):
 
     with claim_run_folder(out, cfg, rt, splits, table, saved):
         if rt.rank == 0:
-            print(f"CASS pretraining ({cfg['objective']}): {cfg['cnn']} + {cfg['vit']}, {len(train)} images at "
+            print(f"CASS pretraining ({cfg['objective']}): {cfg['cnn']} + {cfg['vit']}"
+                  f"{' with patch %s' % cfg['patch_size'] if cfg['patch_size'] else ''}, {len(train)} images at "
                   f"{cfg['img_size']} px, splits {cfg['splits']}, {cfg['epochs']} epochs, global batch "
-                  f"{cfg['batch_size']} on {rt.world} x {rt.device.type} "
-                  f"{str(rt.amp_dtype or 'fp32').replace('torch.', '')}; run folder {out}")
+                  f"{cfg['batch_size']} on {rt.world} x {rt.device.type} {rt.amp_dtype or 'fp32'}; run folder {out}")
         if start == 0 and mon is not None:
             m = monitor(dict(cnn=cnn, vit=vit), mon, rt, baselines=True)
             append_jsonl(dict(epoch=0, phase="init", **m), out / "log.jsonl")
@@ -863,9 +861,10 @@ def finetune(cfg, store=None):
     headline = HEADLINE.get(cfg["data"], "f1_macro")
 
     with claim_run_folder(out, cfg, rt, splits, table, saved):
-        print(f"fine-tuning {name} ({cfg['arm']} arm, init {cfg['init']}, {cfg['mode']}) on {len(train_ds)} labelled "
-              f"images ({split_name}) at {size} px, {len(table.classes)} classes, at most {cfg['epochs']} epochs, "
-              f"splits {cfg['splits']}; run folder {out}")
+        patch = f" with patch {kw['patch_size']}" if kw.get("patch_size") else ""
+        print(f"fine-tuning {name}{patch} ({cfg['arm']} arm, init {cfg['init']}, {cfg['mode']}) on {len(train_ds)} "
+              f"labelled images ({split_name}) at {size} px, {len(table.classes)} classes, at most {cfg['epochs']} "
+              f"epochs, splits {cfg['splits']}; run folder {out}")
         epoch = start
         try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
             for epoch in range(start, cfg["epochs"]):
@@ -1019,6 +1018,7 @@ def make_split_files(cfg):
         raise UserError(f"--out {cfg['out']} holds split files; add --overwrite to replace them" if cfg["out"] else
                         "splits needs --out, the folder to write (to replace the committed files, name them: --out "
                         f"{HERE / 'data_splits' / cfg['data']} --overwrite)")
+    check_output(Path(cfg["out"]), [cfg["root"]] if cfg["root"] else [], overwrite=True, folder=True)
     if cfg["data"] == "brain_mri" and cfg["listing"]:
         table = table_brain_mri(Path("."), [line.strip() for line in open(cfg["listing"]) if line.strip()])
     elif cfg["data"] == "isic2019" and cfg["listing"]:
@@ -1060,13 +1060,22 @@ def write_csv(rows, path):
     """Rows with the csv module's quoting (a file name may hold a comma), written atomically."""
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows)
-    atomic_write(path, text.getvalue().encode())
+    atomic_write(path, text.getvalue().encode("utf-8", "surrogateescape"))  # names in any bytes a disk allows
 
 def image_files(folder):
-    """The one rule for a folder of images, in every reader and in predict: its image files and those of its
-    subfolders, at any depth, sorted; a file or folder whose name starts with a dot is skipped."""
-    return [p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and
-            not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    """The one rule for a folder of images, in every reader and in predict: its image files at any depth, sorted,
+    but for names that start with a dot; a link to nowhere is kept, to be named as an unreadable image."""
+    return distinct([p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and (
+        p.is_file() or not p.exists()) and not any(part.startswith(".") for part in p.relative_to(folder).parts)])
+
+def distinct(paths, root=""):
+    """`paths` (under `root`), of which no two may be one file: a link to another image, or to another class's
+    folder, would make one image two (in two classes, or a test image also a training image)."""
+    seen = {}
+    for p in paths:
+        if (first := seen.setdefault((Path(root) / p).resolve(), p)) != p:
+            raise UserError(f"{Path(root) / first} and {Path(root) / p} are one file (through a link); remove the link")
+    return paths
 
 def _class_folders(root, folders, name, layout):
     """A Table of <class>/<images> trees: paths relative to `root`, the class from the folder under `folders`."""
@@ -1088,7 +1097,7 @@ def _labelled_paths(root, rel, name, layout, depth):
         raise UserError(f"no images found under {root}; --data {name} expects {layout}")
     eye = np.eye(len(classes), dtype=np.float32)
     labels = {p: eye[classes.index(Path(p).parts[depth])] for p in rel}
-    return Table(name, classes, False, labels, rel, image_dir=str(root))
+    return Table(name, classes, False, labels, distinct(rel, root), image_dir=str(root))
 
 def table_brain_mri(root, listing=None):
     layout = "ROOT/Training/<class>/*.jpg and ROOT/Testing/<class>/*.jpg (the Kaggle layout)"
@@ -1110,7 +1119,7 @@ def read_csv(path):
     """A CSV as (header, rows, the line of each row), as spreadsheets export them: a byte-order mark, blank lines,
     spaces around cells and `Image` or `Label` spelled in capitals are accepted."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             lines = [(n, [c.strip() for c in r]) for n, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read CSV {path} ({type(e).__name__}: {e}); it should be UTF-8 text") from None
@@ -1244,14 +1253,15 @@ def to_device(model, rt, name):
     """The model on the device; a CNN in channels-last memory (the fast layout for convolutions on GPUs)."""
     return model.to(rt.device, memory_format=torch.contiguous_format if is_vit(name) else torch.channels_last)
 
-def _ignore_sigint(_worker):  # Ctrl-C reaches every process of the terminal: the main process handles it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_signals(_worker):  # Ctrl-C and a scheduler's SIGTERM reach every process of the group: the main process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # handles them and says what happened; a worker ends quietly
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 def make_loader(dataset, sampler, batch, workers, rt):
     if getattr(dataset, "cache", None) is not None and getattr(dataset, "transform", None) is None:
         workers = 0  # decoded already and nothing to augment: workers would only add start-up and copies
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                      pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_sigint if workers else None,
+                      pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_signals if workers else None,
                       persistent_workers=bool(workers) and sampler is not None)  # training: no start-up per epoch
 
 def decode_all(table, keys, cfg, store=None):
@@ -1265,7 +1275,7 @@ def decode_all(table, keys, cfg, store=None):
         return store[key]
     # its own generator: a loader draws a seed from the global one, which would shift the run's numbers
     loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=workers,
-                        generator=torch.Generator())
+                        generator=torch.Generator(), worker_init_fn=_ignore_signals)
     images = torch.cat([x for x, _ in Progress(loader, "decoding images")]) if keys else None
     if store is not None and table.arrays is None:  # arrays are in memory already
         store[key] = images
@@ -1294,13 +1304,14 @@ def read_stats(values, rt, where):
         values /= rt.world
     values = values.tolist()
     if not math.isfinite(values[0]):
-        raise UserError(f"the loss became {values[0]} in {where}; stopped, last.pt has the epochs before: lower --lr")
+        raise diverged(f"{where} (loss {values[0]})")
     return values
 
 def atomic_write(path, data):
-    """bytes, or an object for torch.save, written to a temporary file and renamed: a kill leaves no half file."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")  # one a killed process left: claim_run_folder
-    try:
+    """bytes, or an object for torch.save, via a temporary file and a rename: any failure leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name[:40]}.tmp{os.getpid()}")  # short, for any legal name; claim_run_folder
+    try:  # removes one that a killed process left
         with open(tmp, "wb") as f:
             f.write(data) if isinstance(data, bytes) else torch.save(data, f)
             f.flush()
@@ -1309,8 +1320,10 @@ def atomic_write(path, data):
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path} ({e.strerror or e}); free space or choose another --out") from None
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            why, last = getattr(e, "strerror", None) or "the write did not complete", path.parent / "last.pt"
+            raise UserError(f"cannot write {path} ({why}); free space or choose another --out" + (
+                f" ({last} holds the finished epochs, to resume from)" if last.is_file() else "")) from None
         raise
 
 def write_json(obj, path):
@@ -1323,9 +1336,17 @@ def read_json(path):
         raise UserError(f"{path} is damaged (not JSON): its run cannot be used; run it again (another --out)") from None
 
 def append_jsonl(obj, path):
+    """A line of a run's log, strict JSON: a value that is not finite means the run diverged, and it stops there."""
+    bad = next((k for k, v in obj.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad:
+        raise diverged(f"epoch {obj.get('epoch')} ({bad} {obj[bad]})")
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
 
+def diverged(where):
+    return UserError(f"the run diverged in {where} and stopped; start it again with a lower --lr (another --out)")
+
+_HELD = {}  # the locks this process holds: path -> the open file that holds the flock
 def load_checkpoint(path, what="checkpoint", advice="give a file that cass.py wrote"):
     if not Path(path).is_file():
         raise UserError(f"{what} {path} does not exist")
@@ -1336,25 +1357,27 @@ def load_checkpoint(path, what="checkpoint", advice="give a file that cass.py wr
             from None
 
 def claim(lock):
-    """Create `lock` holding this process's id, unless a live process holds it (then None); a lock left by a
-    process that died is taken over. Keeps two runs out of one folder, and lets tools/protocol.py share a grid."""
-    for _ in range(2):
+    """Take `lock`, an OS lock on a file (fcntl.flock: dropped when its process dies, so it cannot wedge, whatever the
+    file holds, its owner's pid for messages), or None while another holds it. One run a folder; shared grids."""
+    import fcntl
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                f.write(str(os.getpid()))
-            return Path(lock)
-        except FileExistsError:
-            try:
-                pid = int(Path(lock).read_text() or 0)
-                os.kill(pid, 0)  # raises when there is no such process
-                if pid != os.getpid():
-                    return None
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                pass
-            except PermissionError:
-                return None  # alive, another user's
-            Path(lock).unlink(missing_ok=True)
-    return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return os.close(fd)
+        with contextlib.suppress(OSError):  # not the file its holder removed as we opened it: ours
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    with contextlib.suppress(OSError):  # the pid is only for messages: a full disk does not stop the lock
+        os.ftruncate(fd, 0) or os.write(fd, str(os.getpid()).encode())
+    _HELD[str(lock)] = fd
+    return Path(lock)
+
+def release(lock):
+    Path(lock).unlink(missing_ok=True)
+    os.close(_HELD.pop(str(lock)))
 
 def check_run_folder(out, cfg):
     """Before any work: a writable folder outside the data; --resume needs last.pt; a run is never written over."""
@@ -1390,9 +1413,10 @@ def claim_run_folder(out, cfg, rt, splits, table, saved=None):
     out.mkdir(parents=True, exist_ok=True)
     lock = claim(out / "run.lock")
     if lock is None:
-        raise UserError(f"{out} is in use by another running process (pid {(out / 'run.lock').read_text()}); wait for "
-                        "it or choose another --out")
+        pid = (out / "run.lock").read_text(errors="replace").strip() or "unknown"  # empty: written on a full disk
+        raise UserError(f"{out} is in use by another running process (pid {pid}); wait for it or choose another --out")
     try:
+        check_run_folder(out, cfg)  # again, held: a run that ended since the first check is never written over
         for tmp in (*out.glob(".*.tmp*"), *out.glob("splits/.*.tmp*")):  # a killed process's half-written files
             tmp.unlink()
         log = out / "log.jsonl"  # a kill between a log line and last.pt leaves lines too many; a new run: none
@@ -1405,7 +1429,7 @@ def claim_run_folder(out, cfg, rt, splits, table, saved=None):
         write_json(cfg, out / "args.json")
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        release(lock)
 
 def save_run(state, out, epoch, cfg, **extra):
     """last.pt after every epoch: each state_dict, the random state, the epochs, the config, log.jsonl's length."""
@@ -1512,8 +1536,7 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "workers": ("pfex", PRESET, "data-loader processes (at most this machine's cores)", {}),
     "device": ("pfex", "auto", "auto: CUDA where there is one", dict(choices=["auto", "cpu", "cuda"])),
     "precision": ("pf", "auto", "auto: bf16 autocast on CUDA from compute capability 8.0, fp16 with loss scaling "
-                  "below it, fp32 on a CPU",
-                  dict(choices=["auto", "fp32", "bf16", "fp16"])),
+                  "below it, fp32 on a CPU", dict(choices=["auto", "fp32", "bf16", "fp16"])),
     "compile": ("p", False, "torch.compile both encoders (GPU: faster after a minute of compiling)", {}),
     "sync_bn": ("p", False, "under torchrun on CUDA: BatchNorm statistics over the global batch", {}),
     "cache_images": ("pf", False, "decode and resize every image once and keep them in memory", {}),
@@ -1546,9 +1569,9 @@ def resolve(command, given, kind=None):
     """A run's config: the flags given (a dict, unset ones left out), then for finetune what the --init run used,
     then the preset's values, then the defaults above. A resumed run takes its own config (args.json), which
     a run of another `kind` (default: the command; tools/dino.py: dino) does not have."""
-    low = next((k for k, v in LEAST.items() if k in given and not given[k] >= v), None)  # NaN included
+    low = next((k for k, v in LEAST.items() if k in given and not v <= given[k] < math.inf), None)  # NaN included
     if low:
-        raise UserError(f"--{low.replace('_', '-')} {given[low]} cannot work: give {LEAST[low]:g} or more")
+        raise UserError(f"--{low.replace('_', '-')} {given[low]} cannot work: give a number from {LEAST[low]:g} up")
     if given.get("resume") and command in ("pretrain", "finetune"):
         saved = Path(given.get("out") or "") / "args.json"
         if not given.get("out") or not saved.is_file():
@@ -1638,18 +1661,22 @@ def given_flags(args):
 def run_command(work, interrupted="interrupted; a run folder that holds a last.pt continues with the same command "
                 "plus --resume"):
     """work() as a command (cass.py's and the tools'): a UserError or a file the system refuses is one sentence and
-    exit 2; Ctrl-C exits 130 and SIGTERM 143, as shells expect, saying what to do. Output goes out line by line."""
+    exit 2; Ctrl-C exits 130 and SIGTERM 143, as shells expect, saying what to do."""
     signals = []  # the one that stopped the run; a KeyboardInterrupt: the loops save and say how to resume
     old = signal.signal(signal.SIGTERM, lambda n, frame: signals.append(n) or signal.default_int_handler(n, frame))
-    getattr(sys.stdout, "reconfigure", lambda **_: None)(line_buffering=True)
+    for stream in (sys.stdout, sys.stderr):  # line by line, and any name a disk allows can be printed
+        getattr(stream, "reconfigure", lambda **_: None)(line_buffering=True, errors="backslashreplace")
     try:
         work()
+    except BrokenPipeError:  # the reader of the output went (`| head -1`): the command ends quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (UserError, OSError) as e:
         # a message from a DataLoader worker arrives wrapped in its traceback: keep the sentence
-        message = str(e).strip().splitlines()[-1].removeprefix("cass.UserError: ").removeprefix("UserError: ") if \
-            isinstance(e, UserError) else f"cannot use {e.filename or 'a file'} ({e.strerror or e}); check the path"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        message = str(e).strip().rsplit("UserError: ", 1)[-1] if isinstance(e, UserError) else \
+            f"cannot use {e.filename or 'a file'} ({e.strerror or e}); check the path"
+        print(f"error: {interrupted if signals else message}", file=sys.stderr)  # a signal may surface as an error
+        return 128 + signals[-1] if signals else 2  # (torch.save's writer reports it as a failed write)
     except KeyboardInterrupt as e:
         print(f"error: {str(e) or interrupted}", file=sys.stderr)
         return 128 + (signals[-1] if signals else signal.SIGINT)
@@ -1666,7 +1693,8 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     args = build_parser().parse_args([str(a) for a in argv] if argv is not None else None)
-    return run_command(lambda: COMMANDS[args.command][1](resolve(args.command, given_flags(args))))
+    return run_command(lambda: COMMANDS[args.command][1](resolve(args.command, given_flags(args))), *(
+        () if args.command in ("pretrain", "finetune") else ("interrupted; nothing was written",)))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -939,12 +939,20 @@ def test_an_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     assert (tmp_path / "r" / "cnn.pt").read_bytes() == before
 
 
+def hold(lock):
+    """A live process that holds `lock` as cass.claim does (an operating-system lock), until it is killed."""
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); fcntl.flock(fd, "
+            "fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
     root = write_folder(tmp_path / "data", n=8)
     (tmp_path / "r").mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = hold(tmp_path / "r" / "run.lock")
     try:
-        (tmp_path / "r" / "run.lock").write_text(str(other.pid))
         code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--epochs", "1", "--out", tmp_path / "r"],
                          capsys)
     finally:
@@ -1348,7 +1356,7 @@ def _copy_run(runs, t, *own):
 
 def _running(runs, t):  # a copy of the run held by a live process, with a log line its last.pt does not count
     run_copy = _copy_run(runs, t, "log.jsonl")
-    (run_copy / "run.lock").write_text(str(os.getppid()))
+    hold(run_copy / "run.lock")
     with open(run_copy / "log.jsonl", "a") as f:
         f.write('{"epoch": 2}\n')
     return ["pretrain", "--resume", "--out", run_copy, "--epochs", "2"], "in use by another running process"
@@ -1374,6 +1382,12 @@ def _listed_twice(runs, t):
     rows = [[f"i/{c}/{c}_{k}.png", c] for c in "xy" for k in range(4)] + [["i/x/x_0.png", "y"]]
     write_csv(t / "l.csv", [["image", "label"], *rows])
     return [*PRETRAIN, "--data", "csv", "--root", t / "l.csv", "--out", t / "r"], "lines 2 and 10"
+
+
+def _linked_class(t):  # the same files in two classes: one image twice, perhaps in two splits
+    root = write_folder(t / "d", ("a", "b"), 4)
+    (root / "c").symlink_to(root / "a", target_is_directory=True)
+    return [*PRETRAIN, "--data", "folder", "--root", root, "--out", t / "r"], "are one file (through a link)"
 
 
 def _loose_image(t):  # it has no class: said, not dropped
@@ -1427,6 +1441,9 @@ REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sent
         "resume of a run still going": lambda r, t, m: _running(r, t),
         "a new run into a finished one": lambda r, t, m: ([*FINETUNE, "--data", "folder", "--root", r / "data",
                                                            "--init", "random", "--out", r / "ft"], "another --out"),
+        "splits --out inside the data": lambda r, t, m: (["splits", "--data", "folder", "--root", r / "data", "--out",
+                                                          r / "data" / "splits"], "inside one"),
+        "a class folder that is a link to another": lambda r, t, m: _linked_class(t),
     },
     "nothing silent": {
         "a class only in Testing/": lambda r, t, m: _class_only_in_testing(r, t),
@@ -1436,7 +1453,8 @@ REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sent
             [*PRETRAIN, "--data", "folder", "--root", r / "data", "--out", t / "r", f"--{flag}", value], f"--{flag}"))(
             flag, value) for flag, value in (("epochs", "0"), ("patch-size", "0"), ("batch-size", "0"),
                                              ("batch-size", "1"), ("img-size", "-32"), ("workers", "-1"),
-                                             ("out-dim", "0"), ("lr", "0"), ("lr", "nan"), ("epochs", "two"),
+                                             ("out-dim", "0"), ("lr", "0"), ("lr", "nan"), ("lr", "inf"),
+                                             ("epochs", "two"),
                                              ("seed", "-1"), ("vc-weight", "-1"), ("cnn", "resnet5"))},
     },
     "one sentence, never a traceback": {
@@ -1450,7 +1468,7 @@ REFUSED = {  # class: {case: (t, runs, monkeypatch) -> (arguments, what the sent
         "a damaged MedMNIST file": lambda r, t, m: _as_medmnist(r, t, write_npz(t / "ok.npz").read_bytes()[:300]),
         "a CSV given as MedMNIST": lambda r, t, m: _as_medmnist(r, t, b"image,label\na.png,x\n"),
         "a binary file given as CSV": lambda r, t, m: ((t / "b.csv").write_bytes(b"\x89PNG\x00\xff\x00"), [
-            *PRETRAIN, "--data", "csv", "--root", t / "b.csv", "--out", t / "r"])[1:] + ("cannot read CSV",),
+            *PRETRAIN, "--data", "csv", "--root", t / "b.csv", "--out", t / "r"])[1:] + ("must start with an 'image' column",),
         "finetune --resume of a pretraining run": lambda r, t, m: (["finetune", "--resume", "--out", r / "pre"],
                                                                   "holds a pretrain run"),
         "pretrain --resume of a fine-tuning run": lambda r, t, m: (["pretrain", "--resume", "--out", r / "ft"],
@@ -1659,3 +1677,278 @@ def test_evaluate_saves_its_metrics_before_it_prints_them(runs, tmp_path, monkey
     with pytest.raises(BrokenPipeError):
         cass.evaluate(cfg)
     assert json.load(open(tmp_path / "m.json"))["split"] == "test"
+
+
+# ------------------------------------------------------------------------------------------
+# nothing lost, third pass: two runs in one folder, divergence, signals and failed writes, locks, names, pipes
+# ------------------------------------------------------------------------------------------
+
+
+RUN_ARGS = {"pretrain": [*PRETRAIN, "--epochs", "1"], "finetune": [*FINETUNE, "--epochs", "1", "--init", "random"]}
+TWO_RUNS = {  # case: (run A, run B); B is started into A's folder, and A finishes after B's first check
+    "a pretraining run, then another": ("pretrain", "pretrain"),
+    "a fine-tuning run, then another": ("finetune", "finetune"),
+    "a pretraining run, then a fine-tuning run": ("pretrain", "finetune"),
+}
+
+
+@pytest.mark.parametrize("case", TWO_RUNS)
+def test_a_run_that_ends_while_another_starts_into_its_folder_is_never_written_over(case, tmp_path, monkeypatch,
+                                                                                    capsys):
+    first, second = TWO_RUNS[case]
+    a_data, b_data, out = write_folder(tmp_path / "a", n=6), write_folder(tmp_path / "b", ("x", "y"), 6), tmp_path / "R"
+    real, finished = cass.load_table, {}
+
+    def load_table(data, root):  # B reads its data after its first check of the folder: A ends meanwhile
+        if root == str(b_data) and not finished:
+            assert cass.main([str(a) for a in [*RUN_ARGS[first], "--data", "folder", "--root", a_data, "--out",
+                                               out]]) == 0
+            finished.update(snapshot(out))
+        return real(data, root)
+
+    monkeypatch.setattr(cass, "load_table", load_table)
+    code, text = cli([*RUN_ARGS[second], "--data", "folder", "--root", b_data, "--out", out], capsys)
+    assert finished and code == 2 and "already holds a run" in text, text
+    assert snapshot(out) == finished  # A's run as it ended: its log, args.json, splits and results
+
+
+def _nan_loss(m):  # pretraining's loss becomes NaN in the second epoch (two steps an epoch)
+    real, steps = cass.objective, []
+    m.setattr(cass, "objective", lambda cfg, r, t: real(cfg, r, t) * (math.nan if steps.append(1) or len(steps) > 2
+                                                                      else 1))
+    return RUN_ARGS["pretrain"][:-1] + ["2"], "epoch 2"
+
+
+def _nan_outputs(m):  # the monitor's outputs become NaN after the first epoch; the monitor itself does not raise
+    real, calls = cass.encode, []
+
+    def encode(model, loader, rt):
+        f, o, y = real(model, loader, rt)
+        calls.append(1)
+        return (f, o * math.nan, y) if len(calls) > 2 else (f, o, y)  # 2 calls: the init rows of the first arm
+    m.setattr(cass, "encode", encode)
+    return RUN_ARGS["pretrain"], "epoch 0"
+
+
+def _nan_validation(m):  # a linear probe whose validation logits become NaN
+    real = cass.logits_of
+
+    def logits_of(*args):
+        logits, targets = real(*args)
+        return logits * math.nan, targets
+    m.setattr(cass, "logits_of", logits_of)
+    return [*FINETUNE, "--init", "random", "--mode", "linear"], "epoch 1"
+
+
+DIVERGED = {  # case: (monkeypatch -> (arguments, where the sentence says it happened))
+    "fine-tuning with --lr 1e3": lambda m: ([*FINETUNE, "--init", "random", "--lr", "1e3"], "epoch 1"),
+    "a validation loss that becomes NaN": _nan_validation,
+    "pretraining whose loss becomes NaN": _nan_loss,
+    "a monitor whose outputs become NaN": _nan_outputs,
+}
+
+
+@pytest.mark.parametrize("case", DIVERGED)
+def test_a_run_that_diverges_stops_with_one_sentence_and_never_ends_as_a_finished_run(case, tmp_path, monkeypatch,
+                                                                                      capsys):
+    args, where = DIVERGED[case](monkeypatch)
+    root = write_folder(tmp_path / "d", n=8)
+    code, text = cli([*args, "--data", "folder", "--root", root, "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "diverged" in text and where in text and "--lr" in text, text
+    assert len(text.strip().splitlines()[-1:]) == 1 and "Traceback" not in text
+    assert not [f for f in ("best.pt", "metrics.json", "cnn.pt", "vit.pt") if (tmp_path / "r" / f).exists()]
+    log = tmp_path / "r" / "log.jsonl"
+    for line in open(log) if log.exists() else []:  # strict JSON: no NaN for a reader to choke on
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+
+
+def test_the_monitor_reports_non_finite_outputs_as_values_not_as_an_exception():
+    assert all(math.isnan(v) for v in cass.spectrum(torch.full((6, 4), math.nan)))
+    assert math.isnan(float(cass.output_spread(torch.full((6, 4), math.nan))))
+
+
+FAILED_WRITES = {  # what the system or a signal does in the middle of a write
+    "a full disk": OSError(28, "No space left on device"),
+    "torch.save's own error (a full disk inside its zip writer)": RuntimeError("[enforce fail at inline_container.cc]"),
+    "SIGTERM or Ctrl-C": KeyboardInterrupt(),
+}
+
+
+@pytest.mark.parametrize("what", FAILED_WRITES)
+@pytest.mark.parametrize("data", ["bytes", "a checkpoint"])
+def test_a_write_that_fails_halfway_leaves_the_old_file_and_no_temporary_one(what, data, tmp_path, monkeypatch):
+    (tmp_path / "last.pt").write_bytes(b"the finished epochs")
+    (tmp_path / "cnn.pt").write_bytes(b"the old encoder")
+
+    def fsync(fd):
+        raise FAILED_WRITES[what]
+
+    monkeypatch.setattr(cass.os, "fsync", fsync)
+    expected = KeyboardInterrupt if what == "SIGTERM or Ctrl-C" else cass.UserError
+    with pytest.raises(expected) as e:
+        cass.atomic_write(tmp_path / "cnn.pt", b"new" if data == "bytes" else {"w": torch.ones(3)})
+    assert (tmp_path / "cnn.pt").read_bytes() == b"the old encoder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.pt", "last.pt"]
+    if expected is cass.UserError:
+        assert "cannot write" in str(e.value) and "last.pt holds the finished epochs" in str(e.value)
+        assert "[" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sigterm_to_the_whole_process_group_ends_a_run_with_143_and_one_sentence(tmp_path):
+    root = write_folder(tmp_path / "data", n=16)
+    out = tmp_path / "run"
+    args = [*PRETRAIN, "--data", "folder", "--root", str(root), "--epochs", "50", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, str(HERE / "cass.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)  # as SLURM starts it
+    _wait_for(lambda: (out / "last.pt").exists(), proc)  # mid-run, its loader workers alive
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # what scancel and Kubernetes do: every process of the group
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout + stderr
+    assert stderr.strip().startswith("error: interrupted") and len(stderr.strip().splitlines()) == 1, stderr
+    assert "Traceback" not in stderr and "killed by signal" not in stderr
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] >= 1 and not list(out.glob(".*.tmp*"))
+
+
+LOCK_CONTENTS = {  # what a lock file may hold when no living process holds it: it is taken over, whatever it holds
+    "nothing (a full disk while it was written)": "",
+    "a newline": "\n",
+    "not a number": "cass\nrun",
+    "a dead process's id": "dead",
+    "the id of a live process that holds no lock": str(os.getppid()),
+    "this process's id": str(os.getpid()),
+}
+
+
+@pytest.mark.parametrize("content", LOCK_CONTENTS)
+def test_a_lock_no_living_process_holds_is_taken_over_whatever_it_holds(content, tmp_path):
+    lock, text = tmp_path / "run.lock", LOCK_CONTENTS[content]
+    if text == "dead":
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        text = str(dead.pid) if dead.wait() == 0 else pytest.fail("no process")
+    lock.write_text(text)
+    assert cass.claim(lock) == lock and lock.read_text() == str(os.getpid())
+    assert cass.claim(lock) is None  # held now: a second claim, from any process, waits for it
+    cass.release(lock)
+    assert not lock.exists()
+
+
+def test_a_lock_a_live_process_holds_is_respected_until_that_process_dies(tmp_path):
+    lock = tmp_path / "cell.lock"
+    holder = hold(lock)
+    try:
+        assert cass.claim(lock) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cass.claim(lock) == lock  # its lock went with it, though its file stayed
+    cass.release(lock)
+
+
+def _odd_names(t):
+    """A folder of images whose names a disk allows and a program easily mangles."""
+    folder = t / "new"
+    folder.mkdir()
+    names = [os.fsdecode(b"scan-\xff\xfe.png"), "two\nlines.png", "comma, \"quote\".png", "é" * 60 + ".png"]
+    for i, name in enumerate(names):
+        class_image(i % 3, i).save(folder / name, format="PNG")
+    return folder, names
+
+
+def test_names_any_disk_allows_round_trip_through_predict_splits_and_messages(runs, tmp_path, capsys):
+    folder, names = _odd_names(tmp_path)
+    out = tmp_path / ("p" * 246 + ".csv")  # a legal 250-byte name: its temporary file must fit too
+    assert cli(["predict", "--ckpt", runs / "ft", "--images", folder, "--out", out, "--workers", "0"], capsys)[0] == 0
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.reader(f))[1:]
+    assert sorted(Path(r[0]).name for r in rows) == sorted(names) and all(Path(r[0]).is_file() for r in rows)
+    root = tmp_path / "data" / "c"
+    root.parent.mkdir()
+    folder.rename(root)
+    write_folder(tmp_path / "data", ("a", "b"), 4)
+    assert cli(["splits", "--data", "folder", "--root", tmp_path / "data", "--out", tmp_path / "s"], capsys)[0] == 0
+    listed = {row[0] for n in ("train", "val", "test") for row in cass.read_csv(tmp_path / "s" / f"{n}.csv")[1]}
+    assert {f"c/{n}" for n in names} <= listed  # each name read back as it is on disk
+    (tmp_path / "data" / "c" / "two\nlines.png").write_bytes(b"not a png")  # a message names it whole
+    code, text = cli(["predict", "--ckpt", runs / "ft", "--images", tmp_path / "data" / "c", "--out",
+                      tmp_path / "q.csv", "--workers", "0"], capsys)
+    assert code == 2 and "two\nlines.png" in text and "cannot be read" in text, text
+
+
+def test_a_link_to_nowhere_is_named_as_an_unreadable_image_not_skipped(runs, tmp_path, capsys):
+    folder = write_folder(tmp_path / "new", ("a",), 3) / "a"
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    code, text = cli(["predict", "--ckpt", runs / "ft", "--images", folder, "--out", tmp_path / "p.csv", "--workers",
+                      "0"], capsys)
+    assert code == 2 and "gone.png" in text and "1 of the 4 images cannot be read" in text, text
+    assert len(list(csv.reader(open(tmp_path / "p.csv")))) == 1 + 3  # the others are predicted
+
+
+def test_a_closed_standard_output_ends_the_command_quietly_as_unix_tools_do(tmp_path):
+    root = write_folder(tmp_path / "data", n=8)
+    proc = subprocess.Popen([sys.executable, str(HERE / "cass.py"), *PRETRAIN, "--data", "folder", "--root",
+                             str(root), "--epochs", "20", "--out", str(tmp_path / "r")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=HERE)
+    proc.stdout.readline()  # `| head -1`: one line, then the reader goes
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE and "error" not in stderr and "Traceback" not in stderr, \
+        stderr
+
+
+INTERRUPTED = {  # command: Ctrl-C inside it says what that command does next, never a flag it refuses
+    "predict": lambda r, t: ["predict", "--ckpt", r / "ft", "--images", r / "data", "--out", t / "p.csv",
+                             "--workers", "0"],
+    "evaluate": lambda r, t: ["evaluate", "--ckpt", r / "ft", "--workers", "0", "--device", "cpu"],
+}
+
+
+@pytest.mark.parametrize("command", INTERRUPTED)
+def test_ctrl_c_advises_only_what_the_command_takes(command, runs, tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cass, "ensemble_probabilities", interrupt)
+    code, text = cli(INTERRUPTED[command](runs, tmp_path), capsys)
+    assert code == 130 and "interrupted" in text and "--resume" not in text, text
+
+
+def _sigterm_inside(monkeypatch, owner, name, when=lambda *a, **k: True, surfaces_as=None):
+    """`owner.name` sends this process SIGTERM (what a scheduler sends) when `when(...)` holds, then goes on; with
+    `surfaces_as`, the code it interrupts reports the signal as that error (as torch.save's C++ writer does)."""
+    real = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        if when(*args, **kwargs):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            except KeyboardInterrupt:
+                if surfaces_as is None:
+                    raise
+                raise surfaces_as from None
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+SIGTERM_PHASES = {  # phase: (extra flags, what receives the signal)
+    "decoding the cache": (["--cache-images"], lambda m: _sigterm_inside(m, cass, "decode_image")),
+    "an epoch": ([], lambda m: _sigterm_inside(m, cass, "objective")),
+    "the monitor": ([], lambda m: _sigterm_inside(m, cass, "encode")),
+    "writing last.pt": ([], lambda m: _sigterm_inside(m, cass.torch, "save", lambda obj, f: "format" in obj)),
+    "writing the encoders": (["--epochs", "1"], lambda m: _sigterm_inside(
+        m, cass.torch, "save", lambda obj, f: obj.get("format") == "cass-encoder")),
+    "writing last.pt, the signal reported by torch.save as its own error": ([], lambda m: _sigterm_inside(
+        m, cass.torch, "save", lambda obj, f: "format" in obj, RuntimeError("[enforce fail at inline_container.cc]"))),
+}
+
+
+@pytest.mark.parametrize("phase", SIGTERM_PHASES)
+def test_sigterm_in_every_phase_is_exit_143_one_sentence_and_no_half_file(phase, tmp_path, monkeypatch, capsys):
+    flags, arm = SIGTERM_PHASES[phase]
+    root = write_folder(tmp_path / "d", n=8)
+    arm(monkeypatch)
+    code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--epochs", "2", *flags, "--out", tmp_path / "r"],
+                     capsys)
+    err = text.strip().splitlines()[-1]
+    assert code == 143 and err.startswith("error: interrupted") and "Traceback" not in text, text
+    assert not list(tmp_path.rglob(".*.tmp*")) and not (tmp_path / "r" / "cnn.pt").exists()

@@ -64,19 +64,6 @@ def test_protocol_grid_skips_the_bn_control_in_full_mode_and_takes_its_own_seeds
     assert {c["mode"] for c in cells if c["fraction"] == 0.1} == {"full", "linear"}
 
 
-def test_a_lock_held_by_a_live_process_is_respected_and_a_dead_ones_taken_over(tmp_path):
-    lock = tmp_path / "cell.lock"
-    assert cass.claim(lock) == lock and lock.read_text() == str(os.getpid())
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        lock.write_text(str(other.pid))
-        assert cass.claim(lock) is None  # alive: another process runs this cell
-    finally:
-        other.kill()
-        other.wait()
-    assert cass.claim(lock) == lock and lock.read_text() == str(os.getpid())  # dead: taken over
-
-
 def test_bench_prints_a_table_and_the_same_numbers_as_json_on_its_last_line(tmp_path, capsys):
     root = write_folder(tmp_path / "d", n=8)
     assert bench.main([*TINY, "--out-dim", "16", "--steps", "1", "--warmup", "0", "--data", "folder", "--root", root,
@@ -311,6 +298,13 @@ def test_an_exported_model_loads_in_one_line_of_timm_with_the_same_outputs_and_s
     assert config["architecture"] == "resnet18" and config["label_names"] == classes == ["a", "b", "c"]
     data = timm.data.resolve_data_config({}, model=timm_model)
     assert data["input_size"] == (3, 32, 32) and tuple(data["mean"]) == cass.IMAGENET_MEAN and data["crop_pct"] == 1
+    wide = Image.open(next((root / "b").iterdir())).convert("RGB").resize((61, 37))  # not square, as scans often are
+    timm_x = timm.data.create_transform(**data)(wide)[None]  # timm's own eval transform of the export
+    assert (timm_x - preprocess(wide)).abs().max() < 1e-5  # the tensor cass.py trained on: a square resize, no crop
+    with torch.no_grad():
+        assert torch.allclose(timm_model(timm_x).softmax(1), model(preprocess(wide)).softmax(1), atol=1e-5)
+    assert config["pretrained_cfg"]["paper_ids"] == "arXiv:2206.04170" and "cass.py" in config["pretrained_cfg"]["tag"]
+    assert not config["pretrained_cfg"].get("license") and not config["pretrained_cfg"].get("origin_url")
     backbone = timm.create_model(f"local-dir:{tmp_path / 'e'}", pretrained=True, num_classes=0).eval()
     assert backbone(x).shape == (1, 512)
     # the round trip: the folder as the ImageNet weights of a fine-tuning run (linear: the encoder stays as given)
@@ -409,7 +403,7 @@ def test_plot_refuses_what_it_cannot_draw_in_one_sentence(tmp_path, capsys):
                        ([tmp_path / "run", tmp_path / "ft", "--out", tmp_path / "x.png"], "different kinds"),
                        ([tmp_path / "run", tmp_path / "run"], "name it with --out"),
                        ([tmp_path / "bad"], "not a log.jsonl written by cass.py"),
-                       ([tmp_path / "run", "--out", tmp_path / "no" / "such" / "x.png"], "cannot write")):
+                       ([tmp_path / "run", "--out", tmp_path / "no" / "such" / "x.png"], "does not exist")):
         capsys.readouterr()
         assert plot.main(args) == 2, args
         err = capsys.readouterr().err
@@ -479,3 +473,151 @@ def test_both_arms_heat_maps_peak_where_the_evidence_is_and_are_drawn_side_by_si
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not list(tmp_path.rglob(".*.tmp*"))
+
+
+# ------------------------------------------------------------------------------------------
+# every tool's outputs checked as cass.py's; damaged files; messages true to the command
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ft_run(tmp_path_factory):
+    """A finished one-epoch fine-tuning run (best.pt, metrics.json, log.jsonl) and its images."""
+    t = tmp_path_factory.mktemp("ft")
+    root = write_folder(t / "data", n=6)
+    assert cass.main(["finetune", *TINY, "--data", "folder", "--root", root, "--splits", "auto", "--init", "random",
+                      "--arm", "cnn", "--epochs", "1", "--out", t / "ft"]) == 0
+    return t
+
+
+def _scans(t, run):  # a folder of scans to explain
+    (t / "scans").mkdir(exist_ok=True)
+    for name in ("scan_0.png", "scan_1.png"):
+        (t / "scans" / name).write_bytes((run / "data" / "a" / "a_0.png").read_bytes())
+    return t / "scans"
+
+
+TOOL_OUTPUTS = {  # case: (run, t) -> (tool, arguments, what the sentence says); no file may change
+    "plot --out an encoder of the run": lambda r, t: (plot, [r / "ft", "--out", r / "ft" / "best.pt"], "end in .png"),
+    "plot --out a folder": lambda r, t: (plot, [r / "ft", "--out", r / "ft"], "end in .png"),
+    "plot --out a folder named like a PNG": lambda r, t: ((t / "x.png").mkdir(), (
+        plot, [r / "ft", "--out", t / "x.png"], "is a folder"))[1],
+    "explain --out its --images": lambda r, t: (explain, ["--ckpt", r / "ft", "--images", _scans(t, r), "--out",
+                                                          _scans(t, r)], "one of this command's inputs"),
+    "explain --out inside its --images": lambda r, t: (explain, ["--ckpt", r / "ft", "--images", _scans(t, r),
+                                                                 "--out", _scans(t, r) / "maps"], "inside one"),
+    "explain --out the folder of an image it reads": lambda r, t: (explain, [
+        "--ckpt", r / "ft", "--images", _scans(t, r) / "scan_0.png", "--out", _scans(t, r)], "holds the input"),
+    "export --out inside the checkpoint's path": lambda r, t: (export, [r / "ft" / "best.pt", "--out",
+                                                                        r / "ft" / "best.pt" / "e"], "inside one"),
+    "protocol --out inside --root": lambda r, t: (protocol, [*TINY, "--data", "folder", "--root", r / "data",
+                                                             "--out", r / "data" / "grid"], "inside one"),
+    "protocol --seeds 0": lambda r, t: (protocol, [*TINY, "--seeds", "0", "--out", t / "g"], "--seeds 0"),
+    "bench --steps 0": lambda r, t: (bench, [*TINY, "--steps", "0"], "--steps 0 cannot work"),
+    "dino --prototypes 0": lambda r, t: (dino, [*TINY, "--prototypes", "0", "--out", t / "d"], "--prototypes 0"),
+}
+
+
+@pytest.mark.parametrize("case", TOOL_OUTPUTS)
+def test_a_tools_output_is_never_an_input_and_a_refusal_is_one_sentence(case, ft_run, tmp_path, capsys):
+    from test_cass import snapshot
+
+    tool, args, said = TOOL_OUTPUTS[case](ft_run, tmp_path)
+    before = snapshot(ft_run, tmp_path)
+    capsys.readouterr()
+    try:
+        code = tool.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    after = snapshot(ft_run, tmp_path)
+    assert after == before  # nothing written, changed or removed
+
+
+def test_explain_gives_two_images_that_share_a_name_two_pngs(ft_run, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    for suffix in ("png", "bmp"):
+        Image.open(ft_run / "data" / "a" / "a_0.png").save(tmp_path / "in" / f"scan.{suffix}")
+    class_png = ft_run / "data" / "b" / "b_1.png"
+    assert explain.main(["--ckpt", ft_run / "ft", "--images", tmp_path / "in", class_png, "--out",
+                         tmp_path / "maps"]) == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["b_1.png", "scan.bmp.png", "scan.png.png"]
+    assert explain.main(["--ckpt", ft_run / "ft", "--images", tmp_path / "in", tmp_path / "in", "--out",
+                         tmp_path / "again"]) == 2  # one image twice: refused, not written over itself
+
+
+DAMAGED = {  # a file a tool reads, cut short as a full disk or a kill leaves it
+    "args.json of a run": ("pretrain", "args.json"),
+    "metrics.json of a fine-tuning run": ("finetune", "metrics.json"),
+    "table.json of a grid": ("protocol", "table.json"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_plot_on_a_damaged_file_says_so_in_one_sentence(case, tmp_path, capsys):
+    kind, name = DAMAGED[case]
+    folder = tmp_path / "run"
+    if kind == "pretrain":
+        write_jsonl(folder / "log.jsonl", pretrain_log(0.05))
+    elif kind == "finetune":
+        write_jsonl(folder / "log.jsonl", [dict(epoch=1, train_loss=1.0, val_loss=1.0, val_f1_macro=0.5)])
+    else:
+        folder.mkdir()
+    (folder / name).write_text('{"headline": "f1_ma')
+    capsys.readouterr()
+    assert plot.main([folder]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and name in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def _grid(tmp_path, root):
+    return [*TINY, "--out-dim", "16", "--data", "folder", "--root", root, "--epochs", "1", "--arms", "cnn", "--inits",
+            "random", "--modes", "linear", "--fractions", "1.0", "--seeds", "2", "--ft-epochs-linear", "1", "--out",
+            tmp_path / "p"]
+
+
+def test_protocol_reruns_a_cell_whose_result_is_damaged_and_its_table_is_what_is_on_disk(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from test_cass import hold
+
+    root = write_folder(tmp_path / "d", n=6)
+    cells = tmp_path / "p" / "cells"
+    cells.mkdir(parents=True)
+    other = hold(cells / "cnn-random-linear-1-seed0.lock")  # another process sharing the grid runs seed 0
+    real = cass.finetune
+
+    def finetune(cfg, store=None):  # while this process runs seed 1, the other one finishes seed 0
+        out = real(cfg, store)
+        seed0 = cells / "cnn-random-linear-1-seed0"
+        seed0.mkdir()
+        for name in ("metrics.json", "args.json"):
+            (seed0 / name).write_bytes((Path(out) / name).read_bytes())
+        other.kill()
+        other.wait()
+        return out
+
+    monkeypatch.setattr(cass, "finetune", finetune)
+    assert protocol.main(_grid(tmp_path, root)) == 0
+    table = json.load(open(tmp_path / "p" / "table.json"))
+    assert [r["n"] for r in table["rows"]] == [2]  # both seeds, though this process ran one
+    monkeypatch.setattr(cass, "finetune", real)
+    metrics = cells / "cnn-random-linear-1-seed1" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:20])  # cut short
+    capsys.readouterr()
+    assert protocol.main(_grid(tmp_path, root)) == 0
+    assert "[2/2] cnn-random-linear-1-seed1" in capsys.readouterr().out  # run again, the other cell not
+    assert json.load(open(metrics))["headline"] == "f1_macro"
+
+
+def test_ctrl_c_in_a_protocol_cell_advises_rerunning_the_grid_not_a_flag_it_refuses(tmp_path, monkeypatch, capsys):
+    def interrupt(cfg, store=None):
+        raise KeyboardInterrupt("interrupted in epoch 1; continue with the same command plus --resume")
+
+    monkeypatch.setattr(cass, "finetune", interrupt)
+    capsys.readouterr()
+    assert protocol.main(_grid(tmp_path, write_folder(tmp_path / "d", n=6))) == 130
+    err = capsys.readouterr().err
+    assert "rerun this command" in err and "--resume" not in err, err

@@ -196,6 +196,9 @@ def data_images_per_s(cfg, rt):
 
 
 def bench(cfg):
+    low = next((k for k, least in (("steps", 1), ("warmup", 0)) if not cfg[k] >= least), None)  # as cass.py's flags
+    if low:
+        raise cass.UserError(f"--{low} {cfg[low]} cannot work: give {1 if low == 'steps' else 0} or more")
     rt = cass.make_runtime(cfg["device"], cfg["precision"])
     if cfg["max_batch"] and rt.device.type != "cuda":
         raise cass.UserError("--max-batch searches GPU memory and needs --device cuda; on a CPU it would exhaust RAM")

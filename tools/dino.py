@@ -204,7 +204,7 @@ def pretrain(cfg, store=None):
     dataset = cass.ImageDataset(table, train, cfg["img_size"], None, cass.decode_all(table, train, cfg, store))
     sampler = cass.EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"])
     loader = cass.make_loader(dataset, sampler, cfg["batch_size"], cfg["workers"], rt)
-    mon = cass.monitor_loaders(table, splits, cfg, store)
+    mon = cass.monitor_loaders(table, splits, cfg, store, rt)
     saved = cass.restore({}, out) if cfg["resume"] else None  # read only: the folder is not held yet
     saved_arm = saved["arm"] if saved else None
 
@@ -224,6 +224,8 @@ def pretrain(cfg, store=None):
 def resolve(given):
     """The run's config: cass.py pretrain's (flags, preset, defaults; a resumed run's own args.json), less the
     flags only CASS has, plus the arms and the recipe."""
+    if given.get("prototypes") is not None and not given["prototypes"] >= 1:  # a least value, as cass.py's flags
+        raise cass.UserError(f"--prototypes {given['prototypes']} cannot work: give 1 or more")
     defaults = {} if given.get("resume") else {k: v[0] for k, v in DINO_FLAGS.items()}  # a resumed run has its own
     cfg = cass.resolve("pretrain", {**defaults, **given}, kind="dino")
     return {k: v for k, v in cfg.items() if k not in CASS_ONLY} | dict(command="dino", method="dino")

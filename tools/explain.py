@@ -11,7 +11,7 @@ the variant the grad-cam package documents for vision transformers. The paper ar
 the CNN attends to the centre of the image and the transformer more globally: this is how to look at that on
 your own images. Needs tools/requirements.txt.
 """
-import os
+import io
 import sys
 from pathlib import Path
 
@@ -72,6 +72,19 @@ def image_table(source, classes):
     return table
 
 
+def png_names(keys):
+    """One PNG name per image, its path with / as __: scans/a.jpg -> scans__a.png, or scans__a.jpg.png where two
+    images would share a name (a.jpg and a.png); images of two sources at one path are refused."""
+    full = [key.replace("/", "__").replace("\\", "__") for key in keys]
+    stems = [name.rsplit(".", 1)[0] for name in full]
+    names = [f"{s if stems.count(s) == 1 else f}.png" for s, f in zip(stems, full)]
+    twice = next((k for k, n in zip(keys, names) if names.count(n) > 1), None)
+    if twice:
+        raise cass.UserError(f"two of the --images are both {twice}: their heat-maps would share one name; explain "
+                             "them in two runs (two --out folders)")
+    return names
+
+
 def explain(ckpts, images, out, target=None):
     """One PNG per image of the sources `images` in `out`: the image and each model's heat-map. Returns the files
     written."""
@@ -89,12 +102,15 @@ def explain(ckpts, images, out, target=None):
         raise cass.UserError(f"--target {target} is not one of the classes {', '.join(classes)}")
     models = [(path, obj, cass.load_encoder(obj, path).eval()) for path, obj in loaded]
     tables = [image_table(source, classes) for source in images]
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise cass.UserError(f"--out {out} is a file; give a folder for the PNGs")
+    out, items = Path(out), [(table, key) for table in tables for key in table.keys]
+    cass.check_output(out, [*images, *(path for path, _, _ in models)], folder=True)  # no input, nor inside one
+    inside = next((p for p in images if out.resolve() in Path(p).resolve().parents), None)  # a PNG could replace it
+    if inside:
+        raise cass.UserError(f"--out {out} holds the input {inside}; give a folder outside the images")
+    names = png_names([key for _, key in items])
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for table, key in ((table, key) for table in tables for key in table.keys):
+    for (table, key), name in zip(items, names):
         views = [cass.decode_image(table, key, obj["img_size"]) for _, obj, _ in models]  # uint8 [3, S, S]
         fig, axes = plt.subplots(1, 1 + len(models), figsize=(4 * (1 + len(models)), 4.4), squeeze=False)
         axes[0][0].imshow(views[0].permute(1, 2, 0).numpy())
@@ -111,17 +127,13 @@ def explain(ckpts, images, out, target=None):
         for ax in axes[0]:
             ax.axis("off")
         fig.tight_layout()
-        name = out / (key.replace("/", "__").replace("\\", "__").rsplit(".", 1)[0] + ".png")
-        tmp = name.with_name(f".{name.stem}.tmp{os.getpid()}.png")
+        png = io.BytesIO()
         try:
-            fig.savefig(tmp, dpi=100)
-            os.replace(tmp, name)  # whole, then renamed: never half a PNG
-        except OSError as e:
-            raise cass.UserError(f"cannot write {name} ({e.strerror or e})") from None
+            fig.savefig(png, format="png", dpi=100)
         finally:
             plt.close(fig)
-            tmp.unlink(missing_ok=True)
-        written.append(name)
+        cass.atomic_write(out / name, png.getvalue())  # whole, then renamed: a kill or a full disk leaves no half PNG
+        written.append(out / name)
     print(f"wrote {len(written)} heat-map PNG(s) to {out}")
     return written
 

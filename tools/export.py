@@ -49,18 +49,28 @@ def export(path, out, arm=None):
     path, out = checkpoint_path(path, arm), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise cass.UserError(f"--out {out} exists and is not an empty folder; choose another --out")
+    cass.check_output(out, [path], folder=True)  # a writable place, not inside the checkpoint's path
     obj = cass.load_checkpoint(path, "the checkpoint")
     model = cass.load_encoder(obj, path).eval()  # a UserError for a file of another format
     size = obj["kwargs"].get("img_size") or obj.get("img_size") or obj["config"]["img_size"]
-    data_config = dict(input_size=(3, size, size), interpolation="bilinear", crop_pct=1.0, crop_mode="center",
-                       mean=cass.IMAGENET_MEAN, std=cass.IMAGENET_STD)  # what cass.py feeds both arms
+    # what cass.py feeds both arms: the whole image resized to a square (timm's "squash"; no crop), ImageNet's
+    # mean and std, so that timm's own eval transform of this folder gives the tensor cass.py gives
+    data_config = dict(input_size=(3, size, size), interpolation="bilinear", crop_pct=1.0, crop_mode="squash",
+                       mean=cass.IMAGENET_MEAN, std=cass.IMAGENET_STD)
     what = "fine-tuned" if "classes" in obj else f"pretrained, {obj.get('config', {}).get('method', 'cass')}"
-    model_config = dict(pretrained_cfg=dict(tag=f"cass.py {what} {obj['arm']} arm", license=None),
-                        **({"label_names": list(obj["classes"])} if "classes" in obj else {}))
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # written whole, then renamed: never half a folder
+    model_config = dict(pretrained_cfg=dict(  # these weights' origin, not the architecture's ImageNet release's
+        tag=f"cass.py {what} {obj['arm']} arm", paper_ids="arXiv:2206.04170", paper_name="CASS: Cross Architectural "
+        "Self-Supervision for Medical Image Analysis (Singh, Sizikova, Cirrone 2022)", origin_url=None, license=None,
+        notes=(f"trained with cass.py, the CASS reference implementation, from {path.name}",)),
+        **({"label_names": list(obj["classes"])} if "classes" in obj else {}))
+    tmp = out.with_name(f".{out.name[:40]}.tmp{os.getpid()}")  # written whole, then renamed: never half a folder
     try:
-        save_for_hf(model, tmp, model_config=model_config, model_args=obj["kwargs"], safe_serialization=True,
-                    data_config=data_config)
+        try:
+            save_for_hf(model, tmp, model_config=model_config, model_args=obj["kwargs"], safe_serialization=True,
+                        data_config=data_config)
+        except Exception as e:  # a full disk: safetensors' SafetensorError, json's OSError
+            raise cass.UserError(f"cannot write {out} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})"
+                                 "; free space or choose another --out") from None
         again = timm.create_model(f"local-dir:{tmp.resolve()}", pretrained=True).eval()
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():

@@ -15,8 +15,8 @@ label-efficiency chart: the test headline metric against the label fraction, one
 the seeds' standard deviation, one panel per arm and mode; --paper adds the paper's Table 1 (CASS, DINO and
 supervised, best model per method). Needs tools/requirements.txt.
 """
+import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -69,7 +69,7 @@ def plot_pretrain(axes, folder, label, colour=None):
     """One run's monitor on the six axes. With `colour` (several runs on one picture) the colour is the run's and
     the style tells the arm (CNN solid, ViT dashed) and, for the spread, training (circles) from validation."""
     rows = read_jsonl(Path(folder) / "log.jsonl")
-    cfg = json.load(open(Path(folder) / "args.json")) if (Path(folder) / "args.json").is_file() else {}
+    cfg = cass.read_json(Path(folder) / "args.json") if (Path(folder) / "args.json").is_file() else {}
     loss, spread, rank, cos, knn, pc1 = axes
     style = {"cnn": "-", "vit": "--"}
     passes = sorted({r["arm"] for r in rows if "arm" in r})  # tools/dino.py: one pass per arm, each its own loss
@@ -162,7 +162,7 @@ def figure_confusion(folder):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    metrics = json.load(open(Path(folder) / "metrics.json"))
+    metrics = cass.read_json(Path(folder) / "metrics.json")
     test = metrics.get("test", {})
     if "confusion_matrix" not in test:
         return None  # multi-label runs have none
@@ -183,7 +183,7 @@ def figure_confusion(folder):
 
 
 def read_table(folder):
-    table = json.load(open(Path(folder) / "table.json"))
+    table = cass.read_json(Path(folder) / "table.json")
     needed = {"arm", "init", "mode", "fraction", "mean", "std", "n"}
     if not isinstance(table, dict) or not table.get("rows") or not all(needed <= set(r) for r in table["rows"]):
         raise cass.UserError(f"{folder}/table.json is not a table written by tools/protocol.py (rows of "
@@ -229,19 +229,15 @@ def figure_protocol(folders, labels, paper=False):
 
 
 def save(fig, out):
-    """The PNG written whole, then renamed (never half a file)."""
+    """The PNG written as cass.py writes its files: whole, then renamed (a kill or a full disk leaves the old one)."""
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.png")
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise cass.UserError(f"cannot write {out} ({e.strerror or e}); choose another --out") from None
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    cass.atomic_write(out, png.getvalue())
     print(f"wrote {out}")
 
 
@@ -256,6 +252,10 @@ def plot(folders, out=None, paper=False):
     kind = kinds.pop()
     if len(folders) > 1 and not out:
         raise cass.UserError("several folders go on one picture: name it with --out FILE.png")
+    if out and Path(out).suffix.lower() != ".png":  # never a file of the run (an encoder, a log) replaced by a PNG
+        raise cass.UserError(f"--out {out} does not end in .png: plot writes a PNG; give --out FILE.png")
+    if out:
+        cass.check_output(Path(out), overwrite=True)  # its folder exists and is writable; it is no folder
     labels = [Path(f).resolve().name for f in folders]
     if len(set(labels)) < len(labels):  # e.g. several protocols' pretrain/ folders: name their parents too
         labels = [f"{Path(f).resolve().parent.name}/{Path(f).resolve().name}" for f in folders]

@@ -11,7 +11,6 @@ which keeps the decoded images of --cache-images for all runs. A pretraining run
 initialisation is left to run, and the DINO run uses the CASS run's splits (and the cells use those of the
 first), so every row sees the same images.
 """
-import json
 import sys
 import time
 from pathlib import Path
@@ -104,9 +103,22 @@ def imagenet_available(given):
         return not hub.HF_HUB_OFFLINE, "the Hugging Face hub cannot be reached and no --cnn-weights/--vit-weights"
 
 
+def result(cell):
+    """A cell's metrics.json, or None: not run yet, or damaged (a full disk, a kill): then the cell is run again."""
+    try:
+        return cass.read_json(cell / "metrics.json")
+    except (cass.UserError, OSError):
+        return None
+
+
 def run(given, grid):
+    low = next((k for k in ("seeds", "seeds_full", "ft_epochs_grid", "ft_epochs_full", "ft_epochs_linear")
+                if grid[k] is not None and not grid[k] >= 1), None)  # the least values, as cass.py's flags have
+    if low:
+        raise cass.UserError(f"--{low.replace('_', '-')} {grid[low]} cannot work: give 1 or more")
     out = Path(given.pop("out", None) or
                f"runs/protocol-{given.get('data', 'digits')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cass.check_output(out, [given["root"]] if given.get("root") else [], folder=True)  # never inside the data
     out.mkdir(parents=True, exist_ok=True)
     store, times = {}, {}  # store: the decoded images of --cache-images, shared by every run of this process
 
@@ -118,44 +130,54 @@ def run(given, grid):
     runs = {init: out / ("pretrain" if init == "cass" else init) for init in PRETRAINED}  # cass: its old name
     splits = next((str(p / "splits") for p in runs.values() if (p / "splits" / "train.csv").is_file()), None)
     for init, pre in runs.items():  # the first run's splits serve the second run and every cell
-        if all((cell_folder(out, c) / "metrics.json").exists() for c in todo if c["init"] == init):
+        if all(result(cell_folder(out, c)) for c in todo if c["init"] == init):
             continue  # none of its cells is left (or none asked for): no pretraining needed
-        if not all((pre / f"{arm}.pt").exists() for arm in ("cnn", "vit")):
+        arms = ("cnn", "vit") if init == "cass" else grid["arms"]  # CASS trains both; DINO one pass per arm asked
+        if not all((pre / f"{arm}.pt").exists() for arm in arms):
             t0 = time.perf_counter()
             args = {**given, "out": str(pre), "resume": (pre / "last.pt").exists(), **({"splits": splits} if splits
                                                                                       else {})}
-            if init == "cass":
-                cass.pretrain(cass.resolve("pretrain", {k: v for k, v in args.items() if k not in dino.DINO_FLAGS}),
-                              store)
-            else:
-                dino.pretrain(dino.resolve({k: v for k, v in args.items() if k not in dino.CASS_ONLY}), store)
-            wall = json.load(open(pre / "wall.json"))["seconds"] if (pre / "wall.json").exists() else 0.0
+            try:
+                if init == "cass":
+                    cass.pretrain(cass.resolve("pretrain", {k: v for k, v in args.items() if k not in
+                                                            dino.DINO_FLAGS}), store)
+                else:
+                    dino.pretrain(dino.resolve({**{k: v for k, v in args.items() if k not in dino.CASS_ONLY},
+                                                "arms": list(arms)}), store)
+            except KeyboardInterrupt:  # the advice is this command's: it resumes the run itself
+                raise KeyboardInterrupt(f"interrupted in the {init} pretraining run; rerun this command to continue "
+                                        "it and the grid") from None
+            wall = cass.read_json(pre / "wall.json")["seconds"] if (pre / "wall.json").exists() else 0.0
             cass.write_json(dict(seconds=wall + time.perf_counter() - t0), pre / "wall.json")
         splits = splits or str(pre / "splits")
     for init, pre in runs.items():
         wall = pre / "wall.json"
         times[f"{'' if init == 'cass' else init + '_'}pretrain_minutes"] = \
-            json.load(open(wall))["seconds"] / 60 if wall.exists() else 0.0
+            cass.read_json(wall)["seconds"] / 60 if wall.exists() else 0.0
 
     # -- the grid of fine-tuning runs; finished cells are not run again ----------------------------
     shared = {k: v for k, v in given.items() if k not in PRETRAIN_ONLY}
     if splits:
         shared["splits"] = splits  # every cell uses the pretraining runs' splits
-    finished, elsewhere = [], []
+    elsewhere = []
     (out / "cells").mkdir(exist_ok=True)
     for i, c in enumerate(todo):
         cell = cell_folder(out, c)
         name = cell.name
-        if not (cell / "metrics.json").exists():
+        if result(cell) is None:
             lock = cass.claim(out / "cells" / f"{name}.lock")
             if lock is None:  # another process sharing this grid runs it now
                 elsewhere.append(name)
+                continue
+            if result(cell) is not None:  # finished by that process since the first look
+                cass.release(lock)
                 continue
             print(f"[{i + 1}/{len(todo)}] {name}", flush=True)
             full = c["fraction"] == 1.0 and grid["ft_epochs_full"]
             epochs = grid["ft_epochs_full"] if full else grid["ft_epochs_grid"]
             epochs = grid["ft_epochs_linear"] if c["mode"] == "linear" else epochs
-            (cell / "best.pt").unlink(missing_ok=True)  # of a run killed between best.pt and metrics.json
+            for stale in ("best.pt", "metrics.json"):  # of a run killed between the two, or a damaged result
+                (cell / stale).unlink(missing_ok=True)
             cfg = cass.resolve("finetune", {**shared, "init": str(runs[c["init"]]) if c["init"] in runs else c["init"],
                                             "arm": c["arm"], "mode": c["mode"], "label_fraction": c["fraction"],
                                             "seed": c["seed"], "out": str(cell), "resume": (cell / "last.pt").exists(),
@@ -166,14 +188,22 @@ def run(given, grid):
                 cass.write_json(dict(seconds=time.perf_counter() - t0), cell / "wall.json")
             except cass.UserError as e:
                 raise cass.UserError(f"cell {name}: {e} (rerunning this command resumes the grid)") from None
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"interrupted in cell {name}; rerun this command to continue the grid "
+                                        "(a cell resumes from its last.pt)") from None
             finally:
-                lock.unlink(missing_ok=True)
-        metrics = json.load(open(cell / "metrics.json"))
-        seconds = json.load(open(cell / "wall.json"))["seconds"] if (cell / "wall.json").exists() else 0.0
-        finished.append(dict(c, test=metrics["test"][metrics["headline"]], seconds=seconds))
-    if elsewhere:
-        print(f"{len(elsewhere)} cell(s) run in another process sharing {out} (first: {elsewhere[0]}); the table "
-              "leaves them out: rerun this command when they finish for the whole table")
+                cass.release(lock)
+    finished = []  # the table is made from what is on disk: the cells of every process that shares this grid
+    for c in todo:
+        cell = cell_folder(out, c)
+        metrics = result(cell)
+        if metrics is not None:
+            wall = cass.read_json(cell / "wall.json") if (cell / "wall.json").exists() else {}
+            finished.append(dict(c, test=metrics["test"][metrics["headline"]], seconds=wall.get("seconds", 0.0)))
+    if len(finished) < len(todo):
+        print(f"{len(todo) - len(finished)} cell(s) still run in another process sharing {out} (first: "
+              f"{elsewhere[0] if elsewhere else '?'}); the table leaves them out: the process that finishes last "
+              "writes the whole table, or rerun this command then")
     headline = cass.HEADLINE.get(given.get("data", "digits"), "f1_macro")
     rows, markdown = table(finished, headline)
     times["finetune_minutes"] = sum(c["seconds"] for c in finished) / 60

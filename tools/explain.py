@@ -13,6 +13,7 @@ your own images. Needs tools/requirements.txt.
 """
 import io
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,10 @@ def png_names(keys):
     images would share a name (a.jpg and a.png); images of two sources at one path are refused."""
     full = [key.replace("/", "__").replace("\\", "__") for key in keys]
     stems = [name.rsplit(".", 1)[0] for name in full]
-    names = [f"{s if stems.count(s) == 1 else f}.png" for s, f in zip(stems, full)]
-    twice = next((k for k, n in zip(keys, names) if names.count(n) > 1), None)
+    stem_count = Counter(stems)
+    names = [f"{s if stem_count[s] == 1 else f}.png" for s, f in zip(stems, full)]
+    name_count = Counter(names)
+    twice = next((k for k, n in zip(keys, names) if name_count[n] > 1), None)
     if twice:
         raise cass.UserError(f"two of the --images are both {twice}: their heat-maps would share one name; explain "
                              "them in two runs (two --out folders)")

@@ -14,28 +14,23 @@ negative pairs. Afterwards each arm is fine-tuned on a few labels on its own (fo
     python cass.py finetune --init runs/RUN --arm cnn --label-fraction 0.1
     python cass.py evaluate --ckpt runs/FT/best.pt [--ckpt runs/FT2/best.pt]   # a model or an ensemble
     python cass.py predict --ckpt runs/FT/best.pt --images DIR_OR_CSV --out predictions.csv
-    python cass.py splits --data brain_mri --listing FILE --out DIR  # split files (data_splits/: the committed ones)
     torchrun --nproc_per_node=4 cass.py pretrain ...        # data-parallel pretraining
 
-tools/protocol.py (the paper's label-efficiency grid) and tools/bench.py (speed) import this file.
+tools/protocol.py (the paper's label-efficiency grid), tools/bench.py (speed) and tools/splits.py import this file.
 
 Where this file differs from the authors' notebooks, deliberately: gradients are zeroed every step (they never are);
 SWA is real (AveragedModel from --swa-start, once per epoch, BatchNorm statistics recomputed for the averaged CNN;
-theirs does nothing); the cosine schedule moves once per epoch (they step it per batch, so with T_max 16 the rate
-cycles every 32 steps: --sched-unit step); pretraining sees the whole training split, not the 10% labelled subset;
-metrics are scikit-learn's, named for what they are (their "F1" is micro recall accumulated across epochs);
-focal-loss class weights are inverse frequency (theirs, --class-weights paper, weigh the majority most); the ViT is
-validated and saved as itself, the validation loss is averaged over the validation loader and no evaluation loader
-drops images; splits are stratified, nested (1% in 10% in 100%) and committed; checkpoints are state_dicts
-(torch.load(..., weights_only=True)); augmentation follows the paper's text: ColorJitter *or* RandomPerspective,
-then RandomAffine, then the flips (the notebooks apply two ColorJitters).
+theirs does nothing); the cosine schedule moves once per epoch (they step it per batch: --sched-unit step);
+pretraining sees the whole training split, not the 10% labelled subset; metrics are scikit-learn's, named for what
+they are (their "F1" is micro recall accumulated across epochs); focal-loss weights are inverse frequency and weigh
+each image by its class (theirs, --class-weights paper, weigh the majority most, per column: Adam cancels them); the
+ViT is validated and saved as itself, and no evaluation loader drops images; splits are stratified, nested (1% in
+10% in 100%) and committed; checkpoints are state_dicts (weights_only); augmentation follows the paper's text:
+ColorJitter *or* RandomPerspective, then RandomAffine, then the flips (the notebooks apply two ColorJitters).
 
-Measured on 2 CPU cores: from random initialisation (no ImageNet weights) the published objective collapses within
-the first epoch: both encoders emit the same constant and the loss reaches ~0. A falling loss proves nothing: the
-epoch line shows the spread of the normalised outputs (healthy: about 1/sqrt(out_dim)), their effective rank, the
-cosine between the arms and the k-NN accuracy, and says COLLAPSE when they do. --objective cass-vc --lr 1e-4
-(variance and covariance terms on each arm's normalised outputs) is the opt-in change that, measured on brain MRI
-and ISIC 2019, keeps both arms spread and beats the controls (README, "Learning without ImageNet weights").
+Measured on 2 CPU cores: from random initialisation the published objective collapses within the first epoch (one
+constant from both encoders; the loss ~0): the epoch line's monitor says COLLAPSE, and --objective cass-vc --lr 1e-4
+is the opt-in change that keeps both arms spread (README, "Learning without ImageNet weights").
 """
 import argparse
 import contextlib
@@ -97,7 +92,7 @@ class UserError(Exception):
 class Table:
     """A dataset: image keys, labels (key -> multi-hot float32 [C]; none for unlabelled images), classes and
     the splits its curators fixed. A key is a path relative to `image_dir` (plus `suffix`), or "array/index"
-    for images held in arrays (MedMNIST .npz, the built-in digits)."""
+    for images held in arrays (the built-in digits)."""
     name: str
     classes: list
     multilabel: bool
@@ -107,6 +102,7 @@ class Table:
     image_dir: str = ""
     suffix: str = ""
     arrays: dict = None  # name -> uint8 images [N, H, W] or [N, H, W, C]
+    window: list = None  # DICOM: one [centre, width] for every file (--window), else each file's own (read_dicom)
 
     def path(self, key):
         return Path(self.image_dir) / f"{key}{self.suffix}"
@@ -207,7 +203,7 @@ def load_splits(cfg, table):
 def image_tensor(img, size):
     """A PIL image as the uint8 [3, size, size] both arms see (paper B.1.2: Resize(size, size))."""
     from PIL import Image
-    img = Image.fromarray(_rgb_uint8(img)).convert("RGB").resize((size, size), Image.BILINEAR)
+    img = Image.fromarray(_rgb_uint8(img)).resize((size, size), Image.BILINEAR).convert("RGB")  # grey: a third the work
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
 
 def decode_image(table, key, size):
@@ -215,19 +211,12 @@ def decode_image(table, key, size):
     if table.arrays is not None:
         name, index = key.split("/")
         return image_tensor(Image.fromarray(table.arrays[name][int(index)]), size)
-    try:
-        with Image.open(table.path(key)) as img:
-            img.load()
-            return image_tensor(img, size)
-    except Exception as e:  # OSError, Pillow's DecompressionBombError, ...: a file the user can remove or replace
-        raise UserError(f"cannot decode image {table.path(key)} ({type(e).__name__}: {e}); remove or replace this "
-                        "file") from None
+    return image_tensor(read_image(table.path(key), table.window), size)
 
 class ImageDataset(Dataset):
     """The images of one split as uint8 [3, size, size] (augmented with `transform`) and multi-hot targets [C]. Items
-    are (index, seed) pairs from EpochSampler: each image's augmentation is drawn from its own seed, so a run does not
-    depend on the number of workers or processes, or on where it was resumed. With `skip_bad` (predict) an image
-    that does not decode comes as zeros with a NaN target."""
+    are (index, seed) pairs from EpochSampler: each image's augmentation is drawn from its own seed, whatever the
+    workers, processes or resumption. With `skip_bad` (predict) an image that does not decode is zeros, target NaN."""
     def __init__(self, table, keys, size, transform=None, cache=None, skip_bad=False):
         self.table, self.keys, self.size, self.transform, self.cache = table, list(keys), size, transform, cache
         self.skip_bad = skip_bad
@@ -283,13 +272,10 @@ class EpochSampler(Sampler):
 def cass_augment():
     """The paper's augmentation on uint8 images, in the loader's workers; normalisation runs on the device."""
     from torchvision.transforms import v2 as T
-    return T.Compose([
-        T.RandomApply([T.RandomChoice([T.ColorJitter(0.2, 0.2, 0.2),
-                                       T.RandomPerspective(distortion_scale=0.2, p=1.0)])], p=0.3),
-        T.RandomApply([T.RandomAffine(degrees=10)], p=0.3),
-        T.RandomVerticalFlip(p=0.3),
-        T.RandomHorizontalFlip(p=0.3),
-    ])
+    return T.Compose([T.RandomApply([T.RandomChoice([T.ColorJitter(0.2, 0.2, 0.2),
+                                                     T.RandomPerspective(distortion_scale=0.2, p=1.0)])], p=0.3),
+                      T.RandomApply([T.RandomAffine(degrees=10)], p=0.3),
+                      T.RandomVerticalFlip(p=0.3), T.RandomHorizontalFlip(p=0.3)])
 
 def normalize(x):
     """uint8 [B, 3, H, W] -> float with ImageNet mean and std (paper B.1.2), for both arms."""
@@ -385,11 +371,8 @@ def variance_covariance(z, eps=1e-4):
     cov = z.T @ z / (len(z) - 1)  # [D, D]
     return F.relu(1 - torch.sqrt(cov.diagonal() + eps)).mean(), (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / d
 
-OBJECTIVES = {
-    "cass": "eq. 1 as published (the default)",
-    "cass-vc": "eq. 1 plus variance and covariance terms on each arm's normalised outputs (opt-in: keeps a randomly "
-               "initialised pair from collapsing; use it with --lr 1e-4)",
-}
+OBJECTIVES = {"cass": "eq. 1 as published (the default)", "cass-vc": "eq. 1 plus variance and covariance terms on each "
+              "arm's normalised outputs (opt-in: keeps a randomly initialised pair from collapsing; with --lr 1e-4)"}
 
 def objective(cfg, r, t):
     """The pretraining loss of a step. r, t: [B, D] outputs of the CNN and the ViT."""
@@ -515,10 +498,9 @@ def monitor_loaders(table, splits, cfg, store, rt):
     return loaders if all(len(v.dataset) > 1 for v in loaders.values()) else None  # a spread needs two
 
 def monitor(arms, loaders, rt, baselines=False):
-    """The collapse monitor on the validation queries, for each encoder of `arms` ({"cnn": model, "vit": model} or
-    one of them): the spread, the first principal component's share and the effective rank of the outputs, and the
-    20-NN accuracy against the bank on the outputs and on the pooled features; with two arms the cosine between
-    them. `baselines`: the 20-NN on raw pixels (at most 64 px), the floor a learned representation must clear."""
+    """The collapse monitor on the validation queries, for each encoder of `arms` ({"cnn": model, "vit": model} or one):
+    the outputs' spread, first principal component's share and effective rank, the 20-NN accuracy against the bank on
+    outputs and pooled features, and the cosine between two arms. `baselines`: the 20-NN on raw pixels (<= 64 px)."""
     m, k, z = {}, MONITOR["k"], {}
     for arm, model in arms.items():
         (tf, to, ty), (vf, vo, vy) = encode(model, loaders["train"], rt), encode(model, loaders["val"], rt)
@@ -556,16 +538,12 @@ def build_pair(cfg):
             for arm in ("cnn", "vit")]
 
 def make_adam(params, lr):
-    """Adam (paper B.1.3, B.2.2) with fused kernels where this torch has them."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+    """Adam (paper B.1.3, B.2.2) in fused kernels (CPU and CUDA from torch 2.4)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
 
 def cosine_schedule(optimizer, cfg):
-    """Cosine annealing, T_max 16, eta_min 1e-6 (paper B.1.3). Torch's schedule keeps following the cosine
-    after T_max: stepped per epoch, the rate falls to 1e-6 at epoch 16 and is back at 1e-3 at epoch 32, so over
-    100 epochs SWA's last quarter spans a rise and a fall. That is the paper's setting, kept."""
+    """Cosine annealing, T_max 16, eta_min 1e-6 (paper B.1.3). Torch's cosine goes on after T_max: per epoch, 1e-6 at
+    epoch 16 and 1e-3 again at 32, so over 100 epochs SWA's last quarter spans a rise and a fall (the paper's, kept)."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["t_max"], eta_min=cfg["eta_min"])
 
 def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch):
@@ -608,7 +586,7 @@ def pretrain(cfg, store=None):
         raise UserError(f"--batch-size {cfg['batch_size']} (the global batch) does not divide by {rt.world} processes")
     torch.manual_seed(cfg["seed"])
     # -- data: the whole training split, labels unused (paper B.1.1) ---------------------------
-    table = load_table(cfg["data"], cfg["root"])
+    table = load_table(cfg["data"], cfg["root"], cfg.get("window"))  # runs from before --window have none
     splits, cfg["splits"] = load_splits(cfg, table)
     train = splits["train"]
     if len(train) < cfg["batch_size"]:
@@ -712,9 +690,8 @@ def format_epoch(r, cfg):
     line = (f"epoch {r['epoch']:3d}/{cfg['epochs']}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  spread cnn/vit "
             f"{r['std_cnn']:.4f}/{r['std_vit']:.4f} (healthy {r['std_healthy']:.4f})  cos {r['cos_cnn_vit']:.3f}  "
             f"{r['images_per_s']:.1f} img/s")
-    warning = collapse_warning(r, cfg["out_dim"])
     line += ("\n" + format_monitor(r, " " * 16)) if "knn_cnn_feat" in r else ""
-    return line + (f"\n  {warning}" if warning else "")
+    return line + (f"\n  {warning}" if (warning := collapse_warning(r, cfg["out_dim"])) else "")
 
 # ==== Fine-tuning (paper 4.2, B.2): one arm, focal loss, Adam 3e-4, cosine, early stopping =======================
 
@@ -797,9 +774,6 @@ def finetune(cfg, store=None):
     if cfg["init"] is None:
         raise UserError("finetune needs --init: a pretraining run folder (with --arm), its cnn.pt or vit.pt, imagenet, "
                         "random or random-bn")
-    if cfg["label_fraction"] not in LABEL_FRACTIONS:
-        raise UserError(f"--label-fraction {cfg['label_fraction']} is not 1.0, 0.1 or 0.01 (the split files train.csv, "
-                        "train_10pct.csv and train_1pct.csv)")
     split_name = LABEL_FRACTIONS[cfg["label_fraction"]]
     init = Path(cfg["init"]).name.removesuffix(".pt")  # random, ..., or the pretraining run's name
     out = Path(cfg["out"] or f"runs/finetune-{cfg['data']}-{cfg['arm'] or 'cnn'}-{init}-"
@@ -807,7 +781,7 @@ def finetune(cfg, store=None):
     check_run_folder(out, cfg)
     torch.manual_seed(cfg["seed"])
     # -- data -------------------------------------------------------------------------------------
-    table = load_table(cfg["data"], cfg["root"])
+    table = load_table(cfg["data"], cfg["root"], cfg.get("window"))
     if len(table.classes) < 2:
         raise UserError(f"--data {cfg['data']} at {cfg['root']} has {len(table.classes)} class(es) with labels; "
                         "fine-tuning needs at least two")
@@ -928,19 +902,21 @@ def load_finetuned(path, what="--ckpt"):
     return path, obj
 
 def load_model(path, device="cpu"):
-    """A fine-tuned best.pt (or its run folder) as a timm model in eval mode, with its preprocessing: a function from
-    a PIL image (any mode) to the [1, 3, S, S] float tensor it was trained on (a plain resize to the run's image
-    size, ImageNet mean and std for both arms). Returns (model, preprocess, class names)."""
+    """A fine-tuned best.pt (or its run folder) as a timm model in eval mode, with its preprocessing: a PIL image (any
+    mode) or an image file (DICOM: with the run's --window) to the [1, 3, S, S] float tensor it was trained on (a plain
+    resize to the run's size, ImageNet mean and std). Returns (model, preprocess, class names)."""
     path, obj = load_finetuned(path, "checkpoint")
-    model = load_encoder(obj, path).to(device).eval()
-    return model, lambda img: normalize(image_tensor(img, obj["img_size"])[None]).to(device), obj["classes"]
+    model, window = load_encoder(obj, path).to(device).eval(), obj["config"].get("window")
+    read = lambda img: read_image(img, window) if isinstance(img, (str, Path)) else img  # noqa: E731
+    return model, lambda img: normalize(image_tensor(read(img), obj["img_size"])[None]).to(device), obj["classes"]
 
 def ensemble_probabilities(ckpts, table, keys, rt, workers, skip_bad=False):
     """The mean probability of fine-tuned models over the images `keys` (an ensemble of one or more)."""
     probs = 0
-    for path, obj in ckpts:
+    for path, obj in ckpts:  # each model sees the images as it was trained on them: its size, its DICOM window
         model = to_device(load_encoder(obj, path), rt, obj["model"])
-        loader = make_loader(ImageDataset(table, keys, obj["img_size"], skip_bad=skip_bad), None,
+        loader = make_loader(ImageDataset(replace(table, window=obj["config"].get("window")), keys, obj["img_size"],
+                                          skip_bad=skip_bad), None,
                              obj["config"]["batch_size"], workers, rt)
         logits, targets = logits_of(model, loader, rt, normalize)
         probs = probs + probabilities(logits, table.multilabel) / len(ckpts)
@@ -1012,26 +988,10 @@ def predict(cfg):
                         f"{', '.join(bad)}; remove or replace them")
     return out
 
-def make_split_files(cfg):
-    """The `splits` command: split files of a dataset, from its images on disk or from a complete listing."""
-    if not cfg["out"] or (Path(cfg["out"]) / "train.csv").exists() and not cfg["overwrite"]:
-        raise UserError(f"--out {cfg['out']} holds split files; add --overwrite to replace them" if cfg["out"] else
-                        "splits needs --out, the folder to write (to replace the committed files, name them: --out "
-                        f"{HERE / 'data_splits' / cfg['data']} --overwrite)")
-    check_output(Path(cfg["out"]), [cfg["root"]] if cfg["root"] else [], overwrite=True, folder=True)
-    if cfg["data"] == "brain_mri" and cfg["listing"]:
-        table = table_brain_mri(Path("."), [line.strip() for line in open(cfg["listing"]) if line.strip()])
-    elif cfg["data"] == "isic2019" and cfg["listing"]:
-        table = table_isic2019(Path("."), cfg["listing"])
-    else:
-        table = load_table(cfg["data"], cfg["root"])
-    splits = make_splits(table, seed=0)
-    write_splits(table, splits, cfg["out"])
-    print(f"wrote {', '.join(f'{k} {len(v)}' for k, v in splits.items())} to {cfg['out']}")
-
 # ==== Dataset layouts: each reader returns a Table ===============================================================
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}  # read with pydicom, installed only where they are read
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", *DICOM_SUFFIXES}
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 
 def _rgb_uint8(img):
@@ -1044,17 +1004,70 @@ def _rgb_uint8(img):
         return np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
     return np.asarray(img.convert("RGB"))  # RGBA, LA, P, CMYK, ...: PIL composites and converts
 
+def read_image(path, window=None):
+    """An image file as a PIL image: DICOM through read_dicom (with `window`), the picture formats through Pillow."""
+    from PIL import Image
+    try:
+        if Path(path).suffix.lower() in DICOM_SUFFIXES:
+            return read_dicom(path, window)
+        (img := Image.open(path)).load()  # decoded, and the file closed
+        return img
+    except UserError:
+        raise
+    except Exception as e:  # OSError, Pillow's DecompressionBombError, pydicom's errors: a file to remove or replace
+        what = " ".join(str(e).split())  # pydicom without the decoder of a file's compression names the plugins
+        fix = "pip install -r requirements-dicom.txt" if "missing dependencies" in what else "remove or replace it"
+        raise UserError(f"cannot decode image {path} ({type(e).__name__}: {what[:300]}); {fix}") from None
+
+def read_dicom(path, window=None):
+    """A DICOM image as a radiologist's viewer shows it, grey or RGB, 8 bits: the stored values through the modality
+    LUT (rescale slope and intercept: CT in Hounsfield units), then a linear window from centre - width / 2 to
+    centre + width / 2 (`window`, else the file's first window; a file with only a VOI LUT: that LUT; neither: the
+    image's 0.5th to 99.5th percentiles, so that no metal artefact sets the contrast), then MONOCHROME1 inverted
+    (its black is dense). Colour (RGB, YBR, palette) comes as RGB. One frame a file: a cine loop is refused."""
+    from PIL import Image
+    try:
+        import pydicom
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise UserError(f"{path} is DICOM: reading it needs pydicom (pip install -r requirements-dicom.txt)") from None
+    ds = pydicom.dcmread(path)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if "PixelData" not in ds or frames > 1:
+        raise UserError(f"{path} is a DICOM file without an image; remove it" if "PixelData" not in ds else f"{path} "
+                        f"holds {frames} frames (a cine loop or a volume); export its frames as single-frame files")
+    arr, kind = ds.pixel_array, ds.get("PhotometricInterpretation", "MONOCHROME2")  # YBR comes as RGB
+    if kind == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)  # [H, W, 3]
+    if arr.ndim == 3:  # colour: full range, to 8 bits
+        top = 255 if arr.dtype == np.uint8 else 2 ** (16 if kind == "PALETTE COLOR" else int(ds.BitsStored)) - 1
+        return Image.fromarray(np.clip(np.round(arr * (255 / top)), 0, 255).astype(np.uint8))
+    x, window = apply_modality_lut(arr, ds).astype(np.float64), window or (
+        [float(np.ravel(ds[t].value)[0]) for t in ("WindowCenter", "WindowWidth")] if "WindowWidth" in ds else None)
+    if window:
+        lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
+    elif "VOILUTSequence" in ds:  # the LUT maps to 0 .. 2^bits - 1
+        x, lo, hi = apply_voi_lut(x, ds).astype(np.float64), 0, 2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
+    else:
+        lo, hi = np.percentile(x, (0.5, 99.5))
+    y = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * 255  # [H, W]
+    return Image.fromarray(np.round(255 - y if kind == "MONOCHROME1" else y).astype(np.uint8))
+
+def holds_image(path):
+    """False for a DICOM file without pixel data (a structured report, a presentation state), from its header."""
+    with contextlib.suppress(Exception):  # without pydicom, or damaged: named when it is decoded
+        import pydicom
+        return "Rows" in pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows"])
+    return True
+
 def write_splits(table, splits, folder):
     """One CSV per split: the image keys and, for a reader, their labels (runs take labels from the data)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     header = ["image"] + (list(table.classes) if table.multilabel else ["label"])
+    cells = lambda y: [""] * (len(header) - 1) if y is None else [str(int(v)) for v in y] if table.multilabel \
+        else [table.classes[int(np.argmax(y))]]  # noqa: E731
     for name, keys in splits.items():
-        rows = [header]
-        for k in keys:
-            y = table.labels.get(k)
-            rows.append([k] + ([""] * (len(header) - 1) if y is None else [str(int(v)) for v in y]
-                               if table.multilabel else [table.classes[int(np.argmax(y))]]))
-        write_csv(rows, Path(folder) / f"{name}.csv")
+        write_csv([header] + [[k, *cells(table.labels.get(k))] for k in keys], Path(folder) / f"{name}.csv")
 
 def write_csv(rows, path):
     """Rows with the csv module's quoting (a file name may hold a comma), written atomically."""
@@ -1064,9 +1077,14 @@ def write_csv(rows, path):
 
 def image_files(folder):
     """The one rule for a folder of images, in every reader and in predict: its image files at any depth, sorted,
-    but for names that start with a dot; a link to nowhere is kept, to be named as an unreadable image."""
-    return distinct([p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and (
+    but for names that start with a dot and DICOM files without an image (named); a link to nowhere is kept, to be
+    named as an unreadable image."""
+    files = distinct([p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and (
         p.is_file() or not p.exists()) and not any(part.startswith(".") for part in p.relative_to(folder).parts)])
+    other = {p for p in files if p.suffix.lower() in DICOM_SUFFIXES and not holds_image(p)}
+    if other:  # as a file that is no image
+        print(f"note: {len(other)} DICOM file(s) under {folder} hold no image (a report?), left out: {min(other)}, ...")
+    return [p for p in files if p not in other]
 
 def distinct(paths, root=""):
     """`paths` (under `root`), of which no two may be one file: a link to another image, or to another class's
@@ -1088,10 +1106,7 @@ def _class_folders(root, folders, name, layout):
                                 else "an image outside the class folders: move it into its class's folder") +
                                 f" (--data {name} expects {layout})")
             rel += [str(f.relative_to(root)) for f in files]
-    return _labelled_paths(root, rel, name, layout, depth=len(Path(folders[0]).relative_to(root).parts))
-
-def _labelled_paths(root, rel, name, layout, depth):
-    """The class of a path is its folder `depth` levels below `root`."""
+    depth = len(Path(folders[0]).relative_to(root).parts)  # the class of a path: its folder this deep under root
     classes = sorted({Path(p).parts[depth] for p in rel})
     if not classes:
         raise UserError(f"no images found under {root}; --data {name} expects {layout}")
@@ -1099,13 +1114,12 @@ def _labelled_paths(root, rel, name, layout, depth):
     labels = {p: eye[classes.index(Path(p).parts[depth])] for p in rel}
     return Table(name, classes, False, labels, distinct(rel, root), image_dir=str(root))
 
-def table_brain_mri(root, listing=None):
+def table_brain_mri(root):
     layout = "ROOT/Training/<class>/*.jpg and ROOT/Testing/<class>/*.jpg (the Kaggle layout)"
     root = Path(root)
-    if listing is None and not ((root / "Training").is_dir() and (root / "Testing").is_dir()):
+    if not ((root / "Training").is_dir() and (root / "Testing").is_dir()):
         raise UserError(f"{root} is not in the brain_mri layout: expected {layout}")
-    table = _labelled_paths(root, listing, "brain_mri", layout, 1) if listing is not None else \
-        _class_folders(root, [root / "Training", root / "Testing"], "brain_mri", layout)
+    table = _class_folders(root, [root / "Training", root / "Testing"], "brain_mri", layout)
     table.given["test"] = [k for k in table.keys if k.startswith("Testing/")]  # the curators' split, paper 4.3
     return table
 
@@ -1178,24 +1192,6 @@ def table_isic2019(root, gt_csv=None):
     return Table("isic2019", classes, False, labels, list(dict.fromkeys(r[0] for r in rows)),
                  image_dir=str(Path(root) / "ISIC_2019_Training_Input"), suffix=".jpg")
 
-def table_medmnist(root):
-    try:
-        npz = np.load(root)  # a zip of arrays; never pickles (a file that needs them is no MedMNIST file)
-        arrays = {s: npz[f"{s}_images"] for s in ("train", "val", "test")}
-        raw = {s: np.asarray(npz[f"{s}_labels"]) for s in ("train", "val", "test")}
-    except Exception as e:
-        found = f"it has no array {e}" if isinstance(e, KeyError) else "damaged, or another kind of file"
-        raise UserError(f"--root {root} is not a readable MedMNIST .npz ({found}); --data medmnist expects the arrays "
-                        "train_images, train_labels, val_images, val_labels, test_images, test_labels") from None
-    flat = {s: (y.reshape(-1) if y.ndim == 1 or y.shape[1] == 1 else y) for s, y in raw.items()}
-    multilabel = flat["train"].ndim == 2
-    n_cls = flat["train"].shape[1] if multilabel else int(max(y.max() for y in flat.values())) + 1
-    given = {s: [f"{s}/{i}" for i in range(len(y))] for s, y in flat.items()}
-    labels = {k: v.astype(np.float32) if multilabel else np.eye(n_cls, dtype=np.float32)[int(v)]
-              for s, y in flat.items() for k, v in zip(given[s], y)}
-    return Table("medmnist", [str(c) for c in range(n_cls)], multilabel, labels, [k for s in given for k in given[s]],
-                 given, arrays=arrays)
-
 def table_digits(root=None):
     from sklearn.datasets import load_digits  # ships inside scikit-learn: no download
     d = load_digits()
@@ -1205,15 +1201,15 @@ def table_digits(root=None):
                  {k: np.eye(10, dtype=np.float32)[y] for k, y in zip(keys, d.target)}, keys, arrays={"digits": images})
 
 DATASETS = dict(digits=table_digits, brain_mri=table_brain_mri, isic2019=table_isic2019, folder=table_folder,
-                csv=table_csv, medmnist=table_medmnist,  # autoimmune: ROOT/labels.csv, multi-label even with one label
+                csv=table_csv,  # autoimmune: ROOT/labels.csv, always multi-label; MedMNIST: tools/medmnist.py
                 autoimmune=lambda root: replace(table_csv(Path(root) / "labels.csv", "autoimmune"), multilabel=True))
 
-def load_table(data, root):
+def load_table(data, root, window=None):
     if data != "digits" and root is None:
         raise UserError(f"--data {data} needs --root (the dataset folder or file)")
     if root is not None and not Path(root).exists():
         raise UserError(f"--root {root} does not exist")
-    return DATASETS[data](root)
+    return replace(DATASETS[data](root), window=window)
 
 # ==== Run machinery: device and precision, files, claimed run folders, resuming, progress ========================
 
@@ -1241,8 +1237,7 @@ def make_runtime(device="auto", precision="auto"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if precision == "auto":
-        # bf16 hardware from compute capability 8.0 (Ampere) on; is_bf16_supported() also counts emulation (7.x)
+    if precision == "auto":  # bf16 hardware from compute capability 8.0; is_bf16_supported() counts emulation (7.x)
         precision = ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16") if cuda else "fp32"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -1270,12 +1265,11 @@ def decode_all(table, keys, cfg, store=None):
     if not cfg["cache_images"]:
         return None
     size, workers = cfg["img_size"], cfg["workers"]
-    key = (table.name, table.image_dir, size, tuple(keys))
+    key = (table.name, table.image_dir, size, str(table.window), tuple(keys))
     if store is not None and key in store:
         return store[key]
-    # its own generator: a loader draws a seed from the global one, which would shift the run's numbers
-    loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=workers,
-                        generator=torch.Generator(), worker_init_fn=_ignore_signals)
+    loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=workers,  # a generator of its own:
+                        generator=torch.Generator(), worker_init_fn=_ignore_signals)  # the run's draws stay as they are
     images = torch.cat([x for x, _ in Progress(loader, "decoding images")]) if keys else None
     if store is not None and table.arrays is None:  # arrays are in memory already
         store[key] = images
@@ -1286,10 +1280,10 @@ def _hub_offline_unless_reachable(timeout=5.0):
     """Offline, timm's download retries for a minute: use the local cache alone and fail at once."""
     import huggingface_hub.constants as hub
     url, was = urlparse(hub.ENDPOINT), hub.HF_HUB_OFFLINE
-    try:
+    with contextlib.suppress(OSError):
+        hub.HF_HUB_OFFLINE = True  # until the hub answers
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        hub.HF_HUB_OFFLINE = True
+        hub.HF_HUB_OFFLINE = was
     try:
         yield
     finally:
@@ -1484,14 +1478,21 @@ class Progress:
 # ==== Command line: every flag once, its default from the config above ===========================================
 
 PRESET = "the preset's"  # a flag whose default comes from PAPER / TINY
-DATA = "dataset: digits (built in), brain_mri, isic2019, autoimmune, folder, csv, medmnist"
+
+def window_flag(text):
+    """--window CENTER,WIDTH -> [centre, width]."""
+    with contextlib.suppress(ValueError):
+        if (w := [float(v) for v in text.split(",")]) and len(w) == 2 and math.isfinite(w[0]) and 0 < w[1] < math.inf:
+            return w
+    raise argparse.ArgumentTypeError(f"{text} is not CENTER,WIDTH with a width above 0 (e.g. 40,80)")
+DATA = "dataset: digits (built in), brain_mri, isic2019, autoimmune, folder, csv"
 SPLITS = ("committed (data_splits/<data> beside cass.py), auto (stratified, from the images on disk) or a folder of "
           "split files (default: committed where data_splits/<data> exists, else auto")
-FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s splits; default; help, or per command
+FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict; default; help, or per command
     # {letter: help, "": the others'}; argparse options). A help that states its default is shown as it is.
-    "data": ("pfes", "digits", {"": DATA, "f": DATA + " (default: the --init run's)", "e": DATA + " (default: the "
+    "data": ("pfe", "digits", {"": DATA, "f": DATA + " (default: the --init run's)", "e": DATA + " (default: the "
              "checkpoint's)"}, dict(choices=list(DATASETS))),
-    "root": ("pfes", None, {"": "the dataset's folder (the .csv for csv, the .npz for medmnist)", "f": "the dataset's "
+    "root": ("pfe", None, {"": "the dataset's folder (the .csv file for csv)", "f": "the dataset's "
              "folder (default: the --init run's)", "e": "the dataset's folder (default: the checkpoint's)"}, {}),
     "splits": ("pfe", None, {"": SPLITS + ")", "f": SPLITS + "; with a run folder as --init: its own)", "e": SPLITS +
                "; for the checkpoint's own dataset: its run's)"}, {}),
@@ -1506,9 +1507,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "out_dim": ("p", PRESET, "width of both heads, the outputs the loss compares", {}),
     "pretrained": ("p", PRESET, "start from ImageNet weights (from the Hugging Face hub, downloaded on first use)",
                    dict(action=argparse.BooleanOptionalAction)),
-    "cnn_weights": ("pf", None, {"": "ImageNet weights of the CNN from this file instead of the hub (any state_dict "
-                    "of the architecture, or a cnn.pt)", "f": "with --init imagenet: the CNN's weights from this file"},
-                    {}),
+    "cnn_weights": ("pf", None, {"": "ImageNet weights of the CNN from this file, not the hub (a state_dict of the "
+                    "architecture, or a cnn.pt)", "f": "with --init imagenet: the CNN's weights from this file"}, {}),
     "vit_weights": ("pf", None, "the same for the ViT (default: none)", {}),
     "objective": ("p", "cass", "; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()), dict(choices=list(OBJECTIVES))),
     "vc_weight": ("p", 4.0, "cass-vc: weight of the variance terms against eq. 1 (covariance: 0.04); 4 kept both "
@@ -1518,20 +1518,19 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
              "one is needed)", {}),
     "arm": ("f", None, "cnn or vit: the encoder to fine-tune (needed with a run folder; default for baselines: cnn)",
             dict(choices=["cnn", "vit"])),
-    "label_fraction": ("f", 1.0, "share of the training labels: 1.0, 0.1 or 0.01 (paper 5)", {}),
+    "label_fraction": ("f", 1.0, "share of the training labels (paper 5): the split train.csv, train_10pct.csv or "
+                       "train_1pct.csv", dict(type=float, choices=list(LABEL_FRACTIONS))),
     "mode": ("f", "full", "full: train everything (paper B.2); linear: a head on the frozen encoder's standardised "
              "features (paper 4.2)", dict(choices=["full", "linear"])),
     "class_weights": ("f", "inverse", "focal-loss class weights: inverse frequency, paper (the notebooks' min-max "
-                      "normalised counts: the majority weighs most) or none",
-                      dict(choices=["inverse", "paper", "none"])),
+                      "counts: the majority weighs most) or none", dict(choices=["inverse", "paper", "none"])),
     "epochs": ("pf", PRESET, {"": "epochs", "f": "epochs at most (early stopping on the validation loss)"}, {}),
     "batch_size": ("pf", PRESET, {"": "global batch, split over torchrun's processes", "f": "batch size"}, {}),
     "lr": ("pf", PRESET, "Adam learning rate", {}),
     "sched_unit": ("p", "epoch", "the cosine schedule moves once per epoch, or per step as the notebooks do",
                    dict(choices=["epoch", "step"])),
     "swa_start": ("p", None, "first epoch (from 0) that SWA averages (default: the last quarter of --epochs; with the "
-                  "paper's T_max 16 per epoch, epochs 75-99 span rates from 1e-6 at epoch 80 to 1e-3 at 96)",
-                  dict(type=int)),
+                  "paper's T_max 16, epochs 75-99 span rates from 1e-6 at epoch 80 to 1e-3 at 96)", dict(type=int)),
     "seed": ("pf", 0, "fixes initialisation, data order and augmentation (the splits have their own seed, 0)", {}),
     "workers": ("pfex", PRESET, "data-loader processes (at most this machine's cores)", {}),
     "device": ("pfex", "auto", "auto: CUDA where there is one", dict(choices=["auto", "cpu", "cuda"])),
@@ -1539,11 +1538,14 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
                   "below it, fp32 on a CPU", dict(choices=["auto", "fp32", "bf16", "fp16"])),
     "compile": ("p", False, "torch.compile both encoders (GPU: faster after a minute of compiling)", {}),
     "sync_bn": ("p", False, "under torchrun on CUDA: BatchNorm statistics over the global batch", {}),
+    "window": ("pf", None, {"": "DICOM: one window for every file, in the modality's units (CT, Hounsfield: brain "
+               "40,80, lung --window=-600,1500, bone 400,1800) (default: each file's own)", "f": "DICOM: one window "
+               "for every file (default: the --init run's, else each file's own)"}, dict(type=window_flag,
+                                                                                         metavar="CENTER,WIDTH")),
     "cache_images": ("pf", False, "decode and resize every image once and keep them in memory", {}),
-    "out": ("pfexs", None, {"": "the run folder (default: a new one under runs/)", "e": "a JSON file for the metrics "
-            "(default: none, printed only)", "x": "the CSV to write (default: predictions.csv)", "s": "the folder to "
-            "write (default: none; one is needed: data_splits/<data> beside cass.py holds the committed files)"}, {}),
-    "overwrite": ("exs", False, "replace --out where it exists", {}),
+    "out": ("pfex", None, {"": "the run folder (default: a new one under runs/)", "e": "a JSON file for the metrics "
+            "(default: none, printed only)", "x": "the CSV to write (default: predictions.csv)"}, {}),
+    "overwrite": ("ex", False, "replace --out where it exists", {}),
     "resume": ("pf", False, "continue the run in --out from its last.pt (its own settings; --epochs, --device, "
                "--workers may change)", {}),
     "keep_last": ("pf", False, "keep last.pt when the run ends, to --resume it later with more --epochs", {}),
@@ -1552,16 +1554,13 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict, s s
     "split": ("e", "test", "the split to evaluate", dict(choices=["test", "val"])),
     "images": ("x", None, "a folder of images (searched recursively), an image, or a CSV with an 'image' column",
                dict(required=True)),
-    "listing": ("s", None, "brain_mri: a list of Training/... and Testing/... paths; isic2019: the ground-truth CSV, "
-                "so that the split files cover the whole public dataset (default: the images under --root)", {}),
 }
 COMMANDS = dict(pretrain=("p", pretrain, "CASS pretraining of a CNN and a ViT together, without labels"),
                 finetune=("f", finetune, "fine-tune one arm on a fraction of the labels (or a baseline)"),
                 evaluate=("e", evaluate, "metrics of a fine-tuned checkpoint, or of an ensemble"),
-                predict=("x", predict, "class probabilities of new images from fine-tuned checkpoints"),
-                splits=("s", make_split_files, "write the split files of a dataset"))
+                predict=("x", predict, "class probabilities of new images from fine-tuned checkpoints"))
 RESUMABLE = ("epochs", "device", "workers", "keep_last", "resume", "out")  # may differ on --resume (its data may not)
-INHERITED = ("preset", "img_size", "patch_size", "data", "root", "splits")  # finetune takes them from --init
+INHERITED = ("preset", "img_size", "patch_size", "window", "data", "root", "splits")  # finetune's from --init
 LEAST = dict(epochs=1, batch_size=2, img_size=16, patch_size=1, out_dim=2, workers=0, swa_start=0, seed=0, vc_weight=0,
              lr=1e-12)  # the least value of each that can work
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ import explain  # noqa: E402
 import export  # noqa: E402
 import plot  # noqa: E402
 import protocol  # noqa: E402
+import medmnist  # noqa: E402
+import splits  # noqa: E402
 
 
 def test_protocol_runs_the_grid_writes_a_table_and_does_not_rerun_finished_cells(tmp_path, capsys):
@@ -515,7 +518,77 @@ TOOL_OUTPUTS = {  # case: (run, t) -> (tool, arguments, what the sentence says);
     "protocol --seeds 0": lambda r, t: (protocol, [*TINY, "--seeds", "0", "--out", t / "g"], "--seeds 0"),
     "bench --steps 0": lambda r, t: (bench, [*TINY, "--steps", "0"], "--steps 0 cannot work"),
     "dino --prototypes 0": lambda r, t: (dino, [*TINY, "--prototypes", "0", "--out", t / "d"], "--prototypes 0"),
+    "splits without --out": lambda r, t: (splits, ["--data", "digits"], "--out"),
+    "splits into a folder of split files": lambda r, t: (splits, ["--data", "digits", "--out", cass.HERE /
+                                                                  "data_splits" / "digits"], "--overwrite"),
+    "splits --out inside the data": lambda r, t: (splits, ["--data", "folder", "--root", r / "data", "--out",
+                                                           r / "data" / "splits"], "inside one"),
+    "splits --listing of a dataset without one": lambda r, t: (splits, ["--data", "folder", "--root", r / "data",
+                                                                        "--listing", r / "x.txt", "--out", t / "s"],
+                                                               "--listing serves brain_mri and isic2019"),
 }
+
+
+SHARED = cass.HERE.parent / "shared" / "data"
+
+
+def write_npz(path, label_shape="flat", n=(24, 6, 6), multilabel=False):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, k in zip(("train", "val", "test"), n):
+        y = np.arange(k) % 3
+        arrays[f"{split}_images"] = (rng.random((k, 12, 12)) * 255).astype(np.uint8)
+        if multilabel:
+            arrays[f"{split}_labels"] = np.eye(3, dtype=np.int64)[y] | np.eye(3, dtype=np.int64)[(y + 1) % 3]
+        else:
+            arrays[f"{split}_labels"] = y if label_shape == "flat" else y[:, None]
+    np.savez(path, **arrays)
+    return Path(path)
+
+
+
+@pytest.mark.parametrize("shape", ["flat", "column", "multilabel"])
+def test_a_medmnist_file_becomes_a_csv_dataset_with_the_curators_splits(shape, tmp_path):
+    npz = write_npz(tmp_path / "m.npz", shape, multilabel=shape == "multilabel")
+    assert medmnist.main([npz, "--out", tmp_path / "m"]) == 0
+    table = cass.load_table("csv", tmp_path / "m" / "labels.csv")
+    got, source = cass.load_splits(dict(splits=str(tmp_path / "m" / "splits")), table)
+    assert [len(got[s]) for s in ("train", "val", "test")] == [24, 6, 6] and table.classes == ["0", "1", "2"]
+    assert all(k.startswith("images/val/") for k in got["val"]) and set(got["train_1pct"]) <= set(got["train_10pct"])
+    assert table.multilabel == (shape == "multilabel")
+    arrays = np.load(npz)
+    assert (np.asarray(cass.read_image(tmp_path / "m" / "images" / "test" / "5.png")) == arrays["test_images"][5]).all()
+    y = arrays["test_labels"].reshape(len(arrays["test_labels"]), -1)[5]
+    assert (table.labels["images/test/5.png"] == (y if shape == "multilabel" else np.eye(3)[int(y[0])])).all()
+
+
+@pytest.mark.parametrize("content", [b"image,label\na.png,x\n", None])
+def test_a_damaged_medmnist_file_or_another_kind_is_one_sentence(content, tmp_path, capsys):
+    whole = write_npz(tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "m.npz").write_bytes(content or whole[:300])
+    capsys.readouterr()
+    assert medmnist.main([tmp_path / "m.npz", "--out", tmp_path / "m"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged, or another kind" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m" / "labels.csv").exists()
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+@pytest.mark.parametrize("data,listing,total", [("brain_mri", "brain_mri_kaggle_files.txt", 7023),
+                                                ("isic2019", "isic2019_full_GroundTruth.csv", 25331)])
+def test_committed_splits_cover_the_full_public_datasets(data, listing, total, tmp_path):
+    assert splits.main(["--data", data, "--listing", SHARED / listing, "--out", tmp_path]) == 0
+    for name in ("train", "val", "test", "train_10pct", "train_1pct"):
+        assert (tmp_path / f"{name}.csv").read_text() == (cass.HERE / "data_splits" / data / f"{name}.csv").read_text()
+    assert sum(len((tmp_path / f"{s}.csv").read_text().splitlines()) - 1 for s in ("train", "val", "test")) == total
+
+
+def test_splits_writes_the_split_files_a_run_reads(tmp_path):
+    root = write_folder(tmp_path / "data", n=10)
+    assert splits.main(["--data", "folder", "--root", root, "--out", tmp_path / "s"]) == 0
+    table = cass.load_table("folder", root)
+    read, source = cass.load_splits(dict(splits=str(tmp_path / "s")), table)
+    assert source == str(tmp_path / "s") and {k: read[k] for k in cass.make_splits(table)} == cass.make_splits(table)
 
 
 @pytest.mark.parametrize("case", TOOL_OUTPUTS)
@@ -533,6 +606,29 @@ def test_a_tools_output_is_never_an_input_and_a_refusal_is_one_sentence(case, ft
     assert code == 2 and said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     after = snapshot(ft_run, tmp_path)
     assert after == before  # nothing written, changed or removed
+
+
+def test_explain_and_plot_show_dicom_images_with_the_window_each_model_was_trained_on(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    from test_cass import write_dicoms
+
+    root = write_dicoms(tmp_path / "data", n=5)
+    assert cass.main(["finetune", *TINY, "--data", "folder", "--root", root, "--splits", "auto", "--init", "random",
+                      "--arm", "cnn", "--epochs", "1", "--window", "1000,1200", "--out", tmp_path / "ft"]) == 0
+    seen = []
+    real = cass.decode_image
+    with pytest.MonkeyPatch.context() as m:  # what explain feeds the model: the run's window
+        m.setattr(cass, "decode_image", lambda table, key, size: seen.append(table.window) or real(table, key, size))
+        assert explain.main(["--ckpt", tmp_path / "ft", "--images", root / "a", "--out", tmp_path / "maps"]) == 0
+    assert seen == [[1000.0, 1200.0]] * 5 and len(list((tmp_path / "maps").glob("*.png"))) == 5
+    assert plot.main(["--images", root / "a" / "a_0.dcm", root / "b", "--window", "own", "--window", "1000,1200",
+                      "--out", tmp_path / "views.png"]) == 0
+    assert (tmp_path / "views.png").stat().st_size > 10000
+    capsys.readouterr()
+    assert plot.main([tmp_path / "ft", "--images", root, "--out", tmp_path / "both.png"]) == 2  # not both kinds
+    with pytest.raises(SystemExit) as e:
+        plot.main(["--images", root / "a", "--window", "40", "--out", tmp_path / "w.png"])
+    assert e.value.code == 2 and "40 is not CENTER,WIDTH" in capsys.readouterr().err
 
 
 def test_explain_gives_two_images_that_share_a_name_two_pngs(ft_run, tmp_path):

@@ -6,6 +6,7 @@ matrix-product peak, the largest batch that fits a GPU (--max-batch) and, given 
     python tools/bench.py --preset tiny
     python tools/bench.py --device cuda --max-batch          # the paper's encoders at 384 px
     python tools/bench.py --preset tiny --dino --data isic2019 --root DIR    # the paper's Table 2
+    python tools/bench.py --decode slice.dcm slice.jpg --img-size 384       # decoding one file, DICOM or picture
 
 --dino (the paper's Table 2) also times one DINO step of each arm (tools/dino.py: vit_pytorch.Dino, same
 encoders, batch, precision and device) and gives the ratio CASS / (DINO CNN + DINO ViT): DINO trains one
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dino  # noqa: E402  (imports vit_pytorch only with --dino)
 
 BENCH_FLAGS = ("data", "root", "splits", "preset", "cnn", "vit", "patch_size", "img_size", "out_dim", "batch_size",
-               "lr", "workers", "device", "precision", "compile", "cache_images", "objective")
+               "lr", "workers", "device", "precision", "compile", "cache_images", "objective", "window")
 
 
 def build_parser():
@@ -43,6 +44,8 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to fit larger batches")
     p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest batch that fits")
+    p.add_argument("--decode", nargs="+", metavar="FILE", help="only time decoding each file and resizing it to "
+                   "--img-size, as every reader of cass.py does (DICOM with --window, else the file's own)")
     p.add_argument("--dino", action="store_true", help="also time DINO on each arm, steps and whole epochs (Table 2)")
     default, text, options = dino.DINO_FLAGS["prototypes"]
     p.add_argument("--prototypes", default=default, help=f"with --dino: {text} (default: {default})", **options)
@@ -180,7 +183,7 @@ def largest_batch(cfg, rt, limit=4096):
 
 def data_images_per_s(cfg, rt):
     """Images/s of the data pipeline alone: decode, resize, augment, collate, with the workers."""
-    table = cass.load_table(cfg["data"], cfg["root"])
+    table = cass.load_table(cfg["data"], cfg["root"], cfg.get("window"))
     splits, _ = cass.load_splits(cfg, table)
     keys = splits["train"]
     cache = cass.decode_all(table, keys, cfg)
@@ -195,7 +198,26 @@ def data_images_per_s(cfg, rt):
     return n / (time.perf_counter() - t0)
 
 
+def decode_seconds(files, size, window, repeats=30):
+    """The median seconds to read each file and resize it as cass.py does (read_image, then image_tensor)."""
+    seconds = {}
+    for file in files:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            cass.image_tensor(cass.read_image(file, window), size)
+            times.append(time.perf_counter() - t0)
+        seconds[str(file)] = float(np.median(times))
+        print(f"{file}: {seconds[str(file)] * 1e3:.2f} ms to decode and resize to {size} px (median of {repeats})")
+    return seconds
+
+
 def bench(cfg):
+    if cfg["decode"]:
+        r = dict(img_size=cfg["img_size"], decode_seconds=decode_seconds(cfg["decode"], cfg["img_size"],
+                                                                       cfg.get("window")))
+        print(json.dumps(r))
+        return r
     low = next((k for k, least in (("steps", 1), ("warmup", 0)) if not cfg[k] >= least), None)  # as cass.py's flags
     if low:
         raise cass.UserError(f"--{low} {cfg[low]} cannot work: give {1 if low == 'steps' else 0} or more")
@@ -254,7 +276,8 @@ def bench(cfg):
 
 def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
-    extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino", "prototypes")}
+    extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino", "prototypes",
+                                      "decode")}
     given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
     return cass.run_command(lambda: bench({**cass.resolve("pretrain", given), **extra}), "interrupted")
 

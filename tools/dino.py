@@ -195,7 +195,7 @@ def pretrain(cfg, store=None):
     cass.check_run_folder(out, cfg)
 
     # -- data: the whole training split, labels unused, as cass.pretrain; Dino augments each batch itself ------
-    table = cass.load_table(cfg["data"], cfg["root"])
+    table = cass.load_table(cfg["data"], cfg["root"], cfg.get("window"))
     splits, cfg["splits"] = cass.load_splits(cfg, table)
     train = splits["train"]
     if len(train) < cfg["batch_size"]:

@@ -14,6 +14,7 @@ your own images. Needs tools/requirements.txt.
 import io
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,8 @@ def explain(ckpts, images, out, target=None):
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for (table, key), name in zip(items, names):
-        views = [cass.decode_image(table, key, obj["img_size"]) for _, obj, _ in models]  # uint8 [3, S, S]
+        views = [cass.decode_image(replace(table, window=obj["config"].get("window")), key, obj["img_size"])
+                 for _, obj, _ in models]  # uint8 [3, S, S], as each model was trained (size, DICOM window)
         fig, axes = plt.subplots(1, 1 + len(models), figsize=(4 * (1 + len(models)), 4.4), squeeze=False)
         axes[0][0].imshow(views[0].permute(1, 2, 0).numpy())
         axes[0][0].set_title(Path(key).name, fontsize=9)

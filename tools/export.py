@@ -61,7 +61,10 @@ def export(path, out, arm=None):
     model_config = dict(pretrained_cfg=dict(  # these weights' origin, not the architecture's ImageNet release's
         tag=f"cass.py {what} {obj['arm']} arm", paper_ids="arXiv:2206.04170", paper_name="CASS: Cross Architectural "
         "Self-Supervision for Medical Image Analysis (Singh, Sizikova, Cirrone 2022)", origin_url=None, license=None,
-        notes=(f"trained with cass.py, the CASS reference implementation, from {path.name}",)),
+        notes=(f"trained with cass.py, the CASS reference implementation, from {path.name}",) + ((
+            "DICOM images were read with the fixed window (centre, width) "
+            f"{obj['config']['window']}: feed it images windowed alike",) if obj.get("config", {}).get("window") else
+            ())),
         **({"label_names": list(obj["classes"])} if "classes" in obj else {}))
     tmp = out.with_name(f".{out.name[:40]}.tmp{os.getpid()}")  # written whole, then renamed: never half a folder
     try:

@@ -4,6 +4,7 @@
     python tools/plot.py runs/brain-cnn-10                   # a fine-tuning run -> curves.png (and confusion.png)
     python tools/plot.py runs/protocol --paper               # a protocol grid -> label_efficiency.png
     python tools/plot.py runs/eq1 runs/cass-vc --out both.png   # several runs of one kind on shared axes
+    python tools/plot.py --images scans/ --window own --window 40,80 --out views.png  # images as the encoders see them
 
 A pretraining run (cass.py pretrain or tools/dino.py) gives its epochs: the loss; each arm's output spread on the
 training batches and on the validation images, with the healthy level 1/sqrt(dim); the effective rank and the
@@ -13,7 +14,9 @@ fine-tuning run gives its training and validation loss and the validation headli
 best epoch marked, and the test confusion matrix from metrics.json. A protocol folder (table.json) gives the
 label-efficiency chart: the test headline metric against the label fraction, one line per initialisation with
 the seeds' standard deviation, one panel per arm and mode; --paper adds the paper's Table 1 (CASS, DINO and
-supervised, best model per method). Needs tools/requirements.txt.
+supervised, best model per method). --images shows images (files, or folders by cass.py's folder rule) as the
+encoders see them: decoded (DICOM through its modality LUT and window: the file's own, or each --window in a column
+of its own), resized to --img-size. Needs tools/requirements.txt.
 """
 import io
 import json
@@ -228,6 +231,26 @@ def figure_protocol(folders, labels, paper=False):
     return fig
 
 
+def figure_views(images, size, windows):
+    """Each image as cass.py feeds it to the encoders (read_image, then image_tensor): a row per image, a column per
+    window (None: the file's own)."""
+    import matplotlib.pyplot as plt
+
+    files = [f for src in images for f in (cass.image_files(src) if Path(src).is_dir() else [Path(src)])]
+    if not files:
+        raise cass.UserError(f"--images {' '.join(map(str, images))} holds no images")
+    fig, axes = plt.subplots(len(files), len(windows), figsize=(2.7 * len(windows), 3.1 * len(files)), squeeze=False)
+    for row, file in zip(axes, files):
+        for ax, window in zip(row, windows):
+            view = cass.image_tensor(cass.read_image(file, window), size)  # uint8 [3, S, S]
+            ax.imshow(view.permute(1, 2, 0).numpy())
+            ax.set_axis_off()
+            ax.set_title(f"{file.name}\n" + ("its own window" if window is None else f"window {window[0]:g},"
+                                                                                     f"{window[1]:g}"), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, out):
     """The PNG written as cass.py writes its files: whole, then renamed (a kill or a full disk leaves the old one)."""
     import matplotlib.pyplot as plt
@@ -241,11 +264,17 @@ def save(fig, out):
     print(f"wrote {out}")
 
 
-def plot(folders, out=None, paper=False):
-    """The pictures of one kind of folder; returns the PNGs written."""
+def plot(folders, out=None, paper=False, images=None, size=224, windows=None):
+    """The pictures of one kind of folder, or of --images; returns the PNGs written."""
     import matplotlib
 
     matplotlib.use("Agg")
+    if images or not folders:
+        if folders or not images or not out or Path(out).suffix.lower() != ".png":
+            raise cass.UserError("give run folders, or --images with --out FILE.png (not both)")
+        cass.check_output(Path(out), images, overwrite=True)
+        save(figure_views(images, size, windows or [None]), Path(out))
+        return [Path(out)]
     kinds = {kind_of(f) for f in folders}
     if len(kinds) > 1:
         raise cass.UserError(f"the folders are of different kinds ({', '.join(sorted(kinds))}): plot one kind at once")
@@ -275,12 +304,18 @@ def plot(folders, out=None, paper=False):
 
 def main(argv=None):
     p = cass.Parser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    p.add_argument("folders", nargs="+", help="run folders (pretraining or fine-tuning) or protocol folders, one kind")
+    p.add_argument("folders", nargs="*", help="run folders (pretraining or fine-tuning) or protocol folders, one kind")
     p.add_argument("--out", help="the PNG to write (default: monitor.png, curves.png or label_efficiency.png in the "
                    "folder; needed for several folders)")
     p.add_argument("--paper", action="store_true", help="protocol: draw the paper's Table 1 beside the results")
+    p.add_argument("--images", nargs="+", help="images or folders of images to show as the encoders see them")
+    p.add_argument("--img-size", type=int, default=224, help="--images: the side they are resized to (default: 224)")
+    p.add_argument("--window", action="append", type=lambda text: None if text == "own" else cass.window_flag(text),
+                   metavar="CENTER,WIDTH", help="--images: a DICOM window, or own (the file's), one column each; "
+                   "repeat it (default: own)")
     args = p.parse_args([str(a) for a in argv] if argv is not None else None)
-    return cass.run_command(lambda: plot(args.folders, args.out, args.paper), "interrupted")
+    return cass.run_command(lambda: plot(args.folders, args.out, args.paper, args.images, args.img_size, args.window),
+                            "interrupted")
 
 
 if __name__ == "__main__":

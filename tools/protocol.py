@@ -30,7 +30,7 @@ GRID_FLAGS = {  # flag: (default, help, argparse options)
     "modes": (["full", "linear"], "fine-tuning modes", dict(nargs="+", choices=["full", "linear"])),
     "modes_full": (None, "modes with 100%% of the labels (default: --modes)",
                    dict(nargs="+", choices=["full", "linear"])),
-    "fractions": ([0.01, 0.1, 1.0], "label fractions", dict(nargs="+", type=float)),
+    "fractions": ([0.01, 0.1, 1.0], "label fractions", dict(nargs="+", type=float, choices=[0.01, 0.1, 1.0])),
     "seeds": (5, "fine-tuning seeds per cell (paper B.1.1: 5)", dict(type=int)),
     "seeds_full": (None, "seeds with 100%% of the labels (default: --seeds)", dict(type=int)),
     "ft_epochs_grid": (None, "fine-tuning epochs at most (default: the preset's)", dict(type=int)),

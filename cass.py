@@ -278,10 +278,11 @@ def cass_augment():
                       T.RandomVerticalFlip(p=0.3), T.RandomHorizontalFlip(p=0.3)])
 
 def normalize(x):
-    """uint8 [B, 3, H, W] -> float with ImageNet mean and std (paper B.1.2), for both arms."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
-    return (x.float() - mean) / std
+    """uint8 [B, 3, H, W] -> float with ImageNet mean and std (paper B.1.2), for both arms. The constants go to the
+    kernels as numbers: no tensor is copied from the host, so the step never waits on one (the same float32 values)."""
+    x, k = x.float(), np.float32(255)
+    return torch.stack([(x[:, c] - float(np.float32(m) * k)) / float(np.float32(s) * k)
+                        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], dim=1)
 
 # ==== Encoders: a timm CNN and a timm ViT, with heads of the same width (paper 3) ================================
 
@@ -525,8 +526,7 @@ def collapse_warning(r, out_dim):
     training batches (std_*, cos_cnn_vit) and, where the monitor ran, on the validation images (val_std_*, val_cos)."""
     low = [a for a in ("cnn", "vit") if min(r.get(f"std_{a}", 1), r.get(f"val_std_{a}", 1)) < 0.1 / math.sqrt(out_dim)]
     said = [f"the {' and '.join(low)} outputs spread below a tenth of 1/sqrt(dim)"] if low else []
-    agree = max(r.get("cos_cnn_vit", 0), r.get("val_cos", 0)) > 0.99
-    said += ["the arms agree to a cosine above 0.99"] if agree else []
+    said += ["the arms agree to a cosine above 0.99"] if max(r.get("cos_cnn_vit", 0), r.get("val_cos", 0)) > .99 else []
     return f"COLLAPSE: {'; '.join(said)}: a low loss means nothing (README, 'When a run collapses')" if said else ""
 
 # ==== Pretraining (paper B.1): two encoders, one Adam, cosine schedule, SWA ======================================
@@ -551,9 +551,10 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
     cnn.train()
     vit.train()
     stats = torch.zeros(4, dtype=torch.float64, device=rt.device)  # sums: loss, spread cnn, spread vit, cosine
-    first = None  # the first step's loss
+    first, waited, ready = None, 0.0, time.perf_counter()  # the first step's loss; seconds waiting for the loader
     bar = Progress(loader, f"epoch {epoch + 1}/{cfg['epochs']}", show=rt.rank == 0)
     for step, (x, _) in enumerate(bar, 1):
+        waited += time.perf_counter() - ready  # the CPU side (decoding, augmenting) was behind the step
         x = normalize(x.to(rt.device, non_blocking=True))  # uint8 -> float [B, 3, H, W], one view for both arms
         optimizer.zero_grad(set_to_none=True)  # every step (the notebooks never zero the gradients)
         with rt.autocast():
@@ -571,9 +572,10 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
         if step % LOG_EVERY == 0 or step == len(loader):
             mean = read_stats(stats / step, rt, f"epoch {epoch + 1}, by step {step}")
             bar.note(f"loss {mean[0]:.4f} spread {mean[1]:.4f}/{mean[2]:.4f} cos {mean[3]:.3f}")
+        ready = time.perf_counter()
     first, last = read_stats(torch.stack([first, loss.detach()]).double(), rt, f"epoch {epoch + 1}")
     return dict(loss=mean[0], loss_first_step=first, loss_last_step=last, std_cnn=mean[1], std_vit=mean[2],
-                cos_cnn_vit=mean[3], steps=step)
+                cos_cnn_vit=mean[3], steps=step, data_seconds=waited)
 
 def pretrain(cfg, store=None):
     """CASS pretraining with a resolved config (`resolve`); returns the run folder."""
@@ -689,8 +691,9 @@ def format_monitor(m, head):
 def format_epoch(r, cfg):
     line = (f"epoch {r['epoch']:3d}/{cfg['epochs']}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  spread cnn/vit "
             f"{r['std_cnn']:.4f}/{r['std_vit']:.4f} (healthy {r['std_healthy']:.4f})  cos {r['cos_cnn_vit']:.3f}  "
-            f"{r['images_per_s']:.1f} img/s")
-    line += ("\n" + format_monitor(r, " " * 16)) if "knn_cnn_feat" in r else ""
+            f"{r['images_per_s']:.1f} img/s, {r['seconds']:.1f} s, data wait {r['data_seconds'] / r['seconds']:.0%}"
+            + (": the CPU is behind (more --workers, --cache-images)" if r["data_seconds"] > r["seconds"] / 10 else ""))
+    line += ("\n" + format_monitor(r, " " * 16) + f"  {r['monitor_seconds']:.1f} s") if "knn_cnn_feat" in r else ""
     return line + (f"\n  {warning}" if (warning := collapse_warning(r, cfg["out_dim"])) else "")
 
 # ==== Fine-tuning (paper 4.2, B.2): one arm, focal loss, Adam 3e-4, cosine, early stopping =======================
@@ -1037,8 +1040,7 @@ def read_dicom(path, window=None):
         raise UserError(f"{path} is a DICOM file without an image; remove it" if "PixelData" not in ds else f"{path} "
                         f"holds {frames} frames (a cine loop or a volume); export its frames as single-frame files")
     arr, kind = ds.pixel_array, ds.get("PhotometricInterpretation", "MONOCHROME2")  # YBR comes as RGB
-    if kind == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)  # [H, W, 3]
+    arr = apply_color_lut(arr, ds) if kind == "PALETTE COLOR" else arr  # palette: [H, W, 3]
     if arr.ndim == 3:  # colour: full range, to 8 bits
         top = 255 if arr.dtype == np.uint8 else 2 ** (16 if kind == "PALETTE COLOR" else int(ds.BitsStored)) - 1
         return Image.fromarray(np.clip(np.round(arr * (255 / top)), 0, 255).astype(np.uint8))
@@ -1293,8 +1295,7 @@ def read_stats(values, rt, where):
     """Values averaged on the device, read back (one sync; the mean over torchrun's processes). The first is a
     loss: a non-finite one stops every process, and last.pt keeps the last finished epoch."""
     if rt.world > 1:
-        values = values.clone()
-        dist.all_reduce(values)
+        dist.all_reduce(values := values.clone())
         values /= rt.world
     values = values.tolist()
     if not math.isfinite(values[0]):

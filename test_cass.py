@@ -262,10 +262,58 @@ def test_an_interrupted_run_points_to_resume_only_when_last_pt_holds_finished_ep
 
 def test_collapse_is_said_on_the_epoch_line():
     r = dict(epoch=1, loss=0.0006, lr=1e-3, std_cnn=0.001, std_vit=0.05, std_healthy=0.0625, cos_cnn_vit=0.999,
-             images_per_s=10.0)
+             images_per_s=10.0, seconds=10.0, data_seconds=0.5)
     line = cass.format_epoch(r, dict(epochs=3, out_dim=256))
     assert "COLLAPSE" in line and "cnn outputs spread" in line and "cosine above 0.99" in line and "README" in line
     assert "COLLAPSE" not in cass.format_epoch({**r, "std_cnn": 0.05, "cos_cnn_vit": 0.3}, dict(epochs=3, out_dim=256))
+
+
+def test_normalize_copies_no_tensor_from_the_host_and_keeps_the_float32_values(monkeypatch):
+    x = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8)
+    mean = torch.tensor(cass.IMAGENET_MEAN).view(1, 3, 1, 1) * 255  # the constants as a tensor, as before
+    expected = (x.float() - mean) / (torch.tensor(cass.IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+    def host_copy(*args, **kwargs):  # on CUDA, a blocking copy from pageable memory in every step
+        raise AssertionError("normalize built a tensor from host memory")
+
+    monkeypatch.setattr(torch, "tensor", host_copy)
+    monkeypatch.setattr(torch, "as_tensor", host_copy)
+    assert torch.equal(cass.normalize(x), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronisations: needs a GPU")
+def test_a_pretraining_step_synchronises_only_to_read_its_statistics():
+    import warnings
+    cnn, vit = (m.cuda() for m in small_pair())
+    rt = cass.Runtime(torch.device("cuda"))
+    optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], 1e-3)
+    batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8).pin_memory(), None)] * 20
+    cfg = {**STEP_CFG, "epochs": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            cass.pretrain_epoch(cnn, vit, batches, optimizer, rt.scaler(), cass.cosine_schedule(optimizer, cfg), rt, cfg,
+                                0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 20 // cass.LOG_EVERY + 2, [str(w.message) for w in syncs]  # the reads of the statistics
+
+
+def test_the_epoch_line_and_the_log_say_how_long_the_step_waited_for_the_cpu_side(tmp_path, monkeypatch, capsys):
+    r = dict(epoch=1, loss=0.5, lr=1e-3, std_cnn=0.05, std_vit=0.05, std_healthy=0.0625, cos_cnn_vit=0.3,
+             images_per_s=10.0, seconds=10.0, data_seconds=6.0)
+    assert "data wait 60%: the CPU is behind (more --workers" in cass.format_epoch(r, dict(epochs=3, out_dim=256))
+    assert "CPU is behind" not in cass.format_epoch({**r, "data_seconds": 0.5}, dict(epochs=3, out_dim=256))
+    root = write_folder(tmp_path / "data", n=8)
+    real = cass.decode_image
+    monkeypatch.setattr(cass, "decode_image", lambda *a: time.sleep(0.05) or real(*a))  # a slow disk, a slow decoder
+    code, out = cli([*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "1", "--out",
+                     tmp_path / "r"], capsys)
+    assert code == 0 and "the CPU is behind" in out, out
+    line = [x for x in read_log(tmp_path / "r" / "log.jsonl") if x.get("epoch") == 1 and "loss" in x][0]
+    assert 0.05 * 8 * 2 <= line["data_seconds"] <= line["seconds"] and line["monitor_seconds"] > 0
 
 
 def test_knn_accuracy_finds_separated_classes():
@@ -918,6 +966,10 @@ def test_dicom_files_that_hold_no_single_image_are_named(tmp_path, monkeypatch, 
     code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--out", tmp_path / "r"],
                      capsys)
     assert code == 2 and "cine.dcm holds 2 frames" in text and "Traceback" not in text, text
+    (root / "b" / "cine.dcm").write_bytes(dicom("MR_truncated.dcm").read_bytes())  # cut short, as a full disk leaves it
+    code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--out", tmp_path / "r"],
+                     capsys)
+    assert code == 2 and "cannot decode image" in text and "cine.dcm" in text and "Traceback" not in text, text
 
 
 def test_a_folder_of_dicoms_goes_through_every_command_with_the_window_it_was_trained_on(tmp_path):
@@ -943,6 +995,9 @@ def test_a_folder_of_dicoms_goes_through_every_command_with_the_window_it_was_tr
     own = cass.image_tensor(cass.read_dicom(rows[0][0]), 32)
     assert (cass.decode_image(cass.load_table("folder", root, [1000, 1200]), str(Path(rows[0][0]).relative_to(root)),
                               32) == windowed).all() and not (windowed == own).all()
+    write_csv(tmp_path / "list.csv", [["image", "label"]] + [[r[0], Path(r[0]).parent.name] for r in rows])
+    listed = cass.load_table("csv", tmp_path / "list.csv", [1000, 1200])  # a CSV of DICOM paths reads the same
+    assert len(listed.keys) == 20 and (cass.decode_image(listed, rows[0][0], 32) == windowed).all()
 
 
 # ------------------------------------------------------------------------------------------

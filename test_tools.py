@@ -394,6 +394,30 @@ def test_plot_draws_pretraining_finetuning_and_protocol_folders_and_shows_collap
     assert not list(tmp_path.rglob(".*tmp*"))
 
 
+def test_plot_ticks_whole_epochs_shows_where_the_seconds_went_and_says_what_it_cannot_add(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = [{**r, "seconds": 10.0, "data_seconds": 4.0, "monitor_seconds": 1.0} if "loss" in r else r
+            for r in pretrain_log(0.05)]
+    write_jsonl(tmp_path / "run" / "log.jsonl", rows)
+    (tmp_path / "run" / "args.json").write_text(json.dumps(dict(cnn="resnet18", vit="vit_tiny_patch16_224",
+                                                                patch_size=8, img_size=64)))
+    fig = plot.figure_pretrain([tmp_path / "run"], ["run"])
+    assert "vit_tiny_patch16_224, patch 8, 64 px" in fig._suptitle.get_text()  # the ViT as it ran
+    loss, timing = fig.axes[0], fig.axes[5]
+    assert all(float(x).is_integer() for x in loss.get_xticks()) and timing.get_title().startswith("seconds")
+    assert sorted(line.get_label() for line in timing.lines) == ["monitor", "training steps", "waiting for data"]
+    assert [float(y) for y in timing.lines[1].get_ydata()][:1] == [4.0]
+    rows = [dict(arm="cnn", init="cass", mode="linear", fraction=f, n=3, mean=0.5, std=0.01) for f in (0.1, 1.0)]
+    (tmp_path / "grid").mkdir()
+    (tmp_path / "grid" / "table.json").write_text(json.dumps(dict(headline="f1_macro", rows=rows,
+                                                                   config=dict(data="digits"))))
+    capsys.readouterr()
+    assert plot.main([tmp_path / "grid", "--paper"]) == 0
+    assert "the paper has no label-efficiency table for --data digits" in capsys.readouterr().out
+
+
 def test_plot_refuses_what_it_cannot_draw_in_one_sentence(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "other").mkdir()

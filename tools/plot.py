@@ -69,11 +69,12 @@ def draw(ax, rows, key, style, **kwargs):
 
 
 def plot_pretrain(axes, folder, label, colour=None):
-    """One run's monitor on the six axes. With `colour` (several runs on one picture) the colour is the run's and
+    """One run's monitor on the seven axes (the sixth the first PC's share, on the rank panel's right; the seventh
+    where each epoch's seconds went). With `colour` (several runs on one picture) the colour is the run's and
     the style tells the arm (CNN solid, ViT dashed) and, for the spread, training (circles) from validation."""
     rows = read_jsonl(Path(folder) / "log.jsonl")
     cfg = cass.read_json(Path(folder) / "args.json") if (Path(folder) / "args.json").is_file() else {}
-    loss, spread, rank, cos, knn, pc1 = axes
+    loss, spread, rank, cos, knn, pc1, time_ax = axes
     style = {"cnn": "-", "vit": "--"}
     passes = sorted({r["arm"] for r in rows if "arm" in r})  # tools/dino.py: one pass per arm, each its own loss
     for arm in passes or [None]:
@@ -90,6 +91,18 @@ def plot_pretrain(axes, folder, label, colour=None):
         draw(knn, rows, f"knn_{arm}_out", "s" + style[arm], color=c, mfc="none", label=f"{tag} outputs")
     c = draw(cos, rows, "cos_cnn_vit", "o-", color=colour, label=f"{label + ' ' if colour else ''}training batches")
     draw(cos, rows, "val_cos", "s--", color=c, mfc="none", label=f"{label + ' ' if colour else ''}validation")
+    if passes and colour:  # tools/dino.py trains one arm at a time: nothing to compare, said in the legend
+        cos.plot([], [], " ", label=f"{label}: one arm at a time, no cosine")
+    steps = [r for r in rows if "loss" in r and "seconds" in r and "arm" not in r]  # one CASS pass per epoch
+    if steps:
+        epochs = [r["epoch"] for r in steps]
+        waited = [r.get("data_seconds", 0) for r in steps]  # logs from before the split have none
+        c = time_ax.plot(epochs, [r["seconds"] - w for r, w in zip(steps, waited)], "o-", color=colour,
+                         label=f"{label + ' ' if colour else ''}training steps")[0].get_color()
+        if any(waited):
+            time_ax.plot(epochs, waited, "s--", color=c, mfc="none", label=f"{label + ' ' if colour else ''}waiting "
+                         "for data")
+        draw(time_ax, steps, "monitor_seconds", "x:", color=c, label=f"{label + ' ' if colour else ''}monitor")
     healthy = next((r["std_healthy"] for r in rows if "std_healthy" in r), None)
     labels = {line.get_label() for line in spread.lines}
     if healthy and f"healthy 1/sqrt(dim) = {healthy:.4f}" not in labels:
@@ -107,22 +120,44 @@ def plot_pretrain(axes, folder, label, colour=None):
     return collapsed
 
 
+def whole_epochs(ax):
+    """Epochs are whole: integer ticks, and half an epoch of room either side of the first and last."""
+    from matplotlib.ticker import MaxNLocator
+
+    xs = [float(x) for line in ax.lines for x in line.get_xdata()]
+    if xs:
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def encoders(folder):
+    """The encoders a run trained, as they ran: the ViT's patch and the image size included."""
+    cfg = cass.read_json(Path(folder) / "args.json") if (Path(folder) / "args.json").is_file() else {}
+    if not cfg.get("cnn"):
+        return "encoders unknown"
+    patch = f", patch {cfg['patch_size']}" if cfg.get("patch_size") else ""
+    return f"{cfg['cnn']} + {cfg['vit']}{patch}, {cfg.get('img_size')} px"
+
+
 def figure_pretrain(folders, labels):
     import matplotlib.pyplot as plt
 
     fig, grid = plt.subplots(2, 3, figsize=(16, 9))
-    axes = (*grid.flat[:5], grid.flat[2].twinx())  # the first PC's share on the rank panel's right axis
-    grid.flat[5].axis("off")
+    axes = (*grid.flat[:5], grid.flat[2].twinx(), grid.flat[5])  # the first PC's share on the rank panel's right
     colours = [f"C{i}" for i in range(len(folders))] if len(folders) > 1 else [None]
     said = {label: plot_pretrain(axes, f, label, c) for f, label, c in zip(folders, labels, colours)}
     titles = ("loss", "spread of the normalised outputs (log)", "effective rank (left), first PC share (right)",
-              "cosine between the arms", "20-NN accuracy on the validation images")
+              "cosine between the arms", "20-NN accuracy on the validation images", None,
+              "seconds of each epoch: where they went")
     for ax, title in zip(axes, titles):
+        if title is None:  # the twin axis: the rank panel's title and ticks serve it
+            continue
         ax.set_title(title)
         ax.set_xlabel("epoch (0: initialisation)")
+        whole_epochs(ax)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=6 if len(folders) > 1 else 7, loc="upper left")
+            ax.legend(fontsize=6 if len(folders) > 1 else 7, loc="best", framealpha=0.6)
     if not axes[3].lines:
         axes[3].text(0.5, 0.5, "one arm at a time: no cosine", ha="center", transform=axes[3].transAxes)
     axes[5].set_ylim(0, 1)
@@ -130,9 +165,12 @@ def figure_pretrain(folders, labels):
         axes[5].legend(fontsize=6, loc="upper right")
     if any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in axes[1].lines):
         axes[1].set_yscale("log")
+    if not axes[6].lines:
+        axes[6].text(0.5, 0.5, "no epoch times in these logs", ha="center", transform=axes[6].transAxes)
     collapsed = "; ".join(f"{k}: from epoch {v[0]}" for k, v in said.items() if v)
-    fig.suptitle(f"{', '.join(labels)}" + (f"  COLLAPSE ({collapsed}, shaded)" if collapsed else "  no collapse said"),
-                 color="red" if collapsed else "black")
+    fig.suptitle(f"{', '.join(f'{label} ({encoders(f)})' for f, label in zip(folders, labels))}" +
+                 (f"  COLLAPSE ({collapsed}, shaded)" if collapsed else "  no collapse said"),
+                 color="red" if collapsed else "black", fontsize=10)
     return fig
 
 
@@ -156,8 +194,9 @@ def figure_finetune(folders, labels):
     for ax, title in ((loss, "focal loss"), (metric, "validation headline metric (best epoch dotted)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        whole_epochs(ax)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best", framealpha=0.6)
     return fig
 
 
@@ -198,6 +237,10 @@ def figure_protocol(folders, labels, paper=False):
     import matplotlib.pyplot as plt
 
     tables = [read_table(f) for f in folders]
+    data = tables[0].get("config", {}).get("data")
+    if paper and data not in PAPER_TABLE_1:
+        print(f"note: the paper has no label-efficiency table for --data {data} (it has {', '.join(PAPER_TABLE_1)}): "
+              "--paper adds nothing to this chart")
     panels = sorted({(r["arm"], r["mode"]) for t in tables for r in t["rows"]})
     series_keys = [(label, init) for t, label in zip(tables, labels) for init in sorted({r["init"] for r in t["rows"]})]
     colour = {key: f"C{i % 10}" for i, key in enumerate(series_keys)}  # one colour per line in every panel
@@ -214,7 +257,6 @@ def figure_protocol(folders, labels, paper=False):
                     ax.errorbar([r["fraction"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows],
                                 marker="o", capsize=3, color=colour[label, init],
                                 label=f"{label + ': ' if len(tables) > 1 else ''}{init}")
-        data = tables[0].get("config", {}).get("data")
         for i, name in enumerate(("CASS", "DINO", "supervised")) if paper and data in PAPER_TABLE_1 else []:
             points = sorted(PAPER_TABLE_1[data].items())
             ax.plot([f for f, _ in points], [v[i] for _, v in points], ls=":", marker="xv+"[i], color="grey",
@@ -225,7 +267,7 @@ def figure_protocol(folders, labels, paper=False):
         ax.set_title(f"{arm}, {mode}")
         ax.set_xlabel("labelled share of the training split")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best", framealpha=0.6)
     axes[0][0].set_ylabel(f"test {tables[0].get('headline', '')} (mean ± std over seeds)")
     fig.tight_layout()
     return fig

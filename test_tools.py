@@ -78,6 +78,8 @@ def test_bench_prints_a_table_and_the_same_numbers_as_json_on_its_last_line(tmp_
         assert key in result
     assert result["flops_per_step"] > 0 and result["fraction_of_matmul_peak"] > 0
     assert result["speedup"] == pytest.approx(result["images_per_s"] / result["plain_images_per_s"], rel=1e-6)
+    assert 0 <= result["loader_wait_seconds"] <= result["loader_seconds"] and result["loader_steps"] >= 1
+    assert "waiting for data: the bottleneck is the" in out  # the epoch line's split, over real steps
     assert "speed-up" in out and "data pipeline" in out
     if not torch.cuda.is_available():
         assert bench.main([*TINY, "--max-batch"]) == 2

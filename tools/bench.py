@@ -212,6 +212,34 @@ def decode_seconds(files, size, window, repeats=30):
     return seconds
 
 
+def epoch_split(cfg, rt):
+    """A few steps of cass.pretrain_epoch through the real loader (its workers, the augmentation, --cache-images) on
+    the training images: (seconds, of them the seconds the step waited for the next batch, as pretraining measures
+    them, steps). A first pass over the same images starts the workers and is not counted."""
+    table = cass.load_table(cfg["data"], cfg["root"], cfg.get("window"))
+    keys = cass.load_splits(cfg, table)[0]["train"]
+    steps = min(len(keys) // cfg["batch_size"], max(cfg["steps"] * 2, 5))
+    if steps < 1:
+        raise cass.UserError(f"the training split has {len(keys)} images, fewer than one batch of {cfg['batch_size']}; "
+                             "lower --batch-size")
+    keys = keys[:steps * cfg["batch_size"]]
+    dataset = cass.ImageDataset(table, keys, cfg["img_size"], cass.cass_augment(), cass.decode_all(table, keys, cfg))
+    sampler = cass.EpochSampler(len(dataset), cfg["batch_size"], 0)
+    loader = cass.make_loader(dataset, sampler, cfg["batch_size"], cfg["workers"], rt)
+    torch.manual_seed(0)
+    pair = cass.build_pair({**cfg, "pretrained": False, "cnn_weights": None, "vit_weights": None})
+    cnn, vit = (cass.to_device(m, rt, cfg[arm]) for m, arm in zip(pair, ("cnn", "vit")))
+    optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], cfg["lr"])
+    scheduler, scaler = cass.cosine_schedule(optimizer, cfg), rt.scaler()
+    for epoch in (0, 1):  # the first pass starts the workers
+        sampler.set_epoch(epoch)
+        synchronize(rt.device)
+        t0 = time.perf_counter()
+        r = cass.pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, {**cfg, "epochs": 2}, epoch)
+        synchronize(rt.device)
+    return time.perf_counter() - t0, r["data_seconds"], steps
+
+
 def bench(cfg):
     if cfg["decode"]:
         r = dict(img_size=cfg["img_size"], decode_seconds=decode_seconds(cfg["decode"], cfg["img_size"],
@@ -267,9 +295,12 @@ def bench(cfg):
               f"{vit_e:.1f} s; ratio {r['cass_over_dino_epoch']:.2f}")
     if cfg["root"] or cfg["data"] == "digits":
         r["data_images_per_s"] = data_images_per_s(cfg, rt)
-        r["bottleneck"] = "data" if r["data_images_per_s"] < r["images_per_s"] else "step"
+        seconds, waited, steps = epoch_split(cfg, rt)
+        r.update(loader_steps=steps, loader_seconds=seconds, loader_wait_seconds=waited,
+                 bottleneck="data" if waited > 0.1 * seconds else "step")
         print(f"data pipeline ({cfg['workers']} workers{', cached' if cfg['cache_images'] else ''}): "
-              f"{r['data_images_per_s']:.1f} img/s; the bottleneck is the {r['bottleneck']}")
+              f"{r['data_images_per_s']:.1f} img/s alone; {steps} steps of pretraining through it: {seconds:.2f} s, "
+              f"{waited:.2f} s ({waited / seconds:.0%}) waiting for data: the bottleneck is the {r['bottleneck']}")
     print(json.dumps(r))
     return r
 

@@ -306,8 +306,8 @@ def create_encoder(name, num_classes, kwargs, weights=None):
         raise UserError(f"--{'vit' if is_vit(name) else 'cnn'} {name} is not a timm model (see timm.list_models())")
     try:
         if weights in (None, "imagenet"):
-            with _hub_offline_unless_reachable() if weights else contextlib.nullcontext():
-                return timm.create_model(name, pretrained=weights == "imagenet", num_classes=num_classes, **kwargs)
+            weights and hub_offline()  # out of reach: the local cache alone, at once
+            return timm.create_model(name, pretrained=weights == "imagenet", num_classes=num_classes, **kwargs)
         folder = Path(weights).is_dir()
         obj = json.load(open(Path(weights) / "config.json")) if folder else load_checkpoint(weights, "the weight file")
         found = obj.get("architecture" if folder else "model") if isinstance(obj, dict) else name
@@ -804,9 +804,12 @@ def finetune(cfg, store=None):
     w = class_weights(train_ds.targets.sum(0), cfg["class_weights"])
     weights = lambda y: term_weights(y, w, cfg["class_weights"], table.multilabel)  # noqa: E731
     # -- model ------------------------------------------------------------------------------------
-    model, name, kw, cfg["arm"] = init_encoder(cfg, len(table.classes))
+    n, whole = len(table.classes), cfg["resume"] and cfg["mode"] == "full"  # resumed in full mode: last.pt holds
+    last = load_checkpoint(out / "last.pt", "last.pt") if whole else {}  # every weight, so --init is not read again
+    model, name, kw, cfg["arm"] = (create_encoder(last["model"], n, last["kwargs"]), last["model"], last["kwargs"],
+                                   cfg["arm"]) if "model" in last else init_encoder(cfg, n)
     model = to_device(model, rt, name)
-    if cfg["init"] == "random-bn":
+    if cfg["init"] == "random-bn" and not last:
         # The control for CASS's CNN: a random CNN whose BatchNorm statistics are re-estimated on the unlabelled
         # training images. A gain over it is learned; a gain over `random` alone may be recalibration.
         everything = ImageDataset(table, splits["train"], size, cache=decode_all(table, splits["train"], cfg, store))
@@ -865,7 +868,7 @@ def finetune(cfg, store=None):
                                   best_epoch=stop["best_epoch"]), out / "log.jsonl")
                 print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {loss:.4f}  val loss {val_loss:.4f}  val "
                       f"{headline} {val:.4f}  {speed:.1f} img/s{'  *best' if stop['best_epoch'] == epoch + 1 else ''}")
-                save_run(state, out, epoch + 1, cfg, best=best, early_stopping=stop)
+                save_run(state, out, epoch + 1, cfg, best=best, early_stopping=stop, model=name, kwargs=kw)
         except KeyboardInterrupt:
             raise interrupted(out, epoch) from None
         # -- the best epoch's weights, evaluated as `evaluate` will ---------------------------------
@@ -1277,19 +1280,15 @@ def decode_all(table, keys, cfg, store=None):
         store[key] = images
     return images
 
-@contextlib.contextmanager
-def _hub_offline_unless_reachable(timeout=5.0):
-    """Offline, timm's download retries for a minute: use the local cache alone and fail at once."""
+def hub_offline(timeout=5.0):
+    """Whether the Hugging Face hub is out of reach (or HF_HUB_OFFLINE is set). Offline, timm's download retries for a
+    minute: this process then takes the hub's local cache alone (HF_HUB_OFFLINE), and fails at once without it."""
     import huggingface_hub.constants as hub
-    url, was = urlparse(hub.ENDPOINT), hub.HF_HUB_OFFLINE
+    url = urlparse(hub.ENDPOINT)
     with contextlib.suppress(OSError):
-        hub.HF_HUB_OFFLINE = True  # until the hub answers
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        hub.HF_HUB_OFFLINE = was
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = was
+        return bool(hub.HF_HUB_OFFLINE or socket.create_connection((url.hostname, url.port or 443), timeout).close())
+    hub.HF_HUB_OFFLINE = True
+    return True
 
 def read_stats(values, rt, where):
     """Values averaged on the device, read back (one sync; the mean over torchrun's processes). The first is a

@@ -1039,6 +1039,19 @@ def test_finetune_resume_gives_the_same_weights(tmp_path):
         [r["val_loss"] for r in read_log(tmp_path / "c" / "log.jsonl")]
 
 
+def test_a_full_fine_tuning_resumes_from_last_pt_alone_when_its_init_run_is_gone(tmp_path):
+    root = write_folder(tmp_path / "data", n=8)
+    assert cass.main([*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "1", "--out",
+                      tmp_path / "pre"]) == 0
+    common = [*FINETUNE, "--init", tmp_path / "pre", "--arm", "vit"]
+    assert cass.main([*common, "--epochs", "2", "--out", tmp_path / "a"]) == 0
+    assert cass.main([*common, "--epochs", "1", "--keep-last", "--out", tmp_path / "c"]) == 0
+    (tmp_path / "pre").rename(tmp_path / "moved")  # the pretraining run, moved or deleted since
+    assert cass.main(["finetune", "--resume", "--out", tmp_path / "c", "--epochs", "2", "--workers", "0"]) == 0
+    a, c = _state(tmp_path / "a" / "best.pt"), _state(tmp_path / "c" / "best.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path, capsys):
     root = write_folder(tmp_path / "data", n=8)
     common = [*PRETRAIN, "--data", "folder", "--root", str(root), "--out", tmp_path / "r"]

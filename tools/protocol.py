@@ -97,10 +97,7 @@ def imagenet_available(given):
     """Whether the imagenet cells can run: weight files for both arms, or the hub reachable."""
     if given.get("cnn_weights") and given.get("vit_weights"):
         return True, ""
-    import huggingface_hub.constants as hub  # installed with timm
-
-    with cass._hub_offline_unless_reachable():
-        return not hub.HF_HUB_OFFLINE, "the Hugging Face hub cannot be reached and no --cnn-weights/--vit-weights"
+    return not cass.hub_offline(), "the Hugging Face hub cannot be reached and no --cnn-weights/--vit-weights"
 
 
 def result(cell):

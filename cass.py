@@ -487,14 +487,15 @@ def encode(model, loader, rt):
     return torch.cat(feats), torch.cat(outs), torch.cat(ys)
 
 def monitor_loaders(table, splits, cfg, store, rt):
-    """Fixed images of train (the bank) and val (the queries), unaugmented; None without class labels."""
+    """Fixed images of train (the bank) and val (the queries), unaugmented, decoded once a run and held in memory
+    (750 at most; each epoch's monitor then reads no file and starts no worker); None without class labels."""
     if table.multilabel or not table.labels:
         return None
-    rng, loaders = np.random.default_rng(cfg["seed"]), {}
+    rng, loaders, once = np.random.default_rng(cfg["seed"]), {}, dict(cfg, cache_images=True)
     for split, n in (("train", MONITOR["bank"]), ("val", MONITOR["queries"])):
         keys = [k for k in splits[split] if k in table.labels]
         keys = [keys[i] for i in sorted(rng.permutation(len(keys))[:n])]
-        dataset = ImageDataset(table, keys, cfg["img_size"], cache=decode_all(table, keys, cfg, store))
+        dataset = ImageDataset(table, keys, cfg["img_size"], cache=decode_all(table, keys, once, store))
         loaders[split] = make_loader(dataset, None, 256, cfg["workers"], rt)
     return loaders if all(len(v.dataset) > 1 for v in loaders.values()) else None  # a spread needs two
 

@@ -316,6 +316,18 @@ def test_the_epoch_line_and_the_log_say_how_long_the_step_waited_for_the_cpu_sid
     assert 0.05 * 8 * 2 <= line["data_seconds"] <= line["seconds"] and line["monitor_seconds"] > 0
 
 
+def test_the_monitor_decodes_its_images_once_a_run_not_once_an_epoch(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "data", n=8)
+    calls, real = [], cass.decode_image
+    monkeypatch.setattr(cass, "decode_image", lambda table, key, size: calls.append(key) or real(table, key, size))
+    assert cass.main([*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "3", "--out",
+                      tmp_path / "r"]) == 0
+    val = [r[0] for r in cass.read_csv(tmp_path / "r" / "splits" / "val.csv")[1]]  # read by the monitor alone
+    assert val and all(calls.count(k) == 1 for k in val)  # 5 monitors (init, 3 epochs, saved), one decode
+    train = [r[0] for r in cass.read_csv(tmp_path / "r" / "splits" / "train.csv")[1]]
+    assert max(calls.count(k) for k in train) >= 3  # training images: decoded each epoch (no --cache-images)
+
+
 def test_knn_accuracy_finds_separated_classes():
     torch.manual_seed(0)
     centres = torch.randn(3, 8) * 5

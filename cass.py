@@ -35,6 +35,7 @@ is the opt-in change that keeps both arms spread (README, "Learning without Imag
 import argparse
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -90,9 +91,8 @@ class UserError(Exception):
 
 @dataclass
 class Table:
-    """A dataset: image keys, labels (key -> multi-hot float32 [C]; none for unlabelled images), classes and
-    the splits its curators fixed. A key is a path relative to `image_dir` (plus `suffix`), or "array/index"
-    for images held in arrays (the built-in digits)."""
+    """A dataset: image keys, labels (key -> multi-hot float32 [C]; none for unlabelled images), classes and the
+    curators' splits. A key is a path under `image_dir` (plus `suffix`), or "array/index" (the built-in digits)."""
     name: str
     classes: list
     multilabel: bool
@@ -123,10 +123,9 @@ def _stratified(keys, strata, count_of_class, rng):
     return [k for k in keys if k in picked]  # the table's order
 
 def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
-    """train/val/test and nested label fractions, stratified and deterministic for a seed. The curators' splits
-    (table.given) are kept; otherwise test and val each take their fraction of every class (brain MRI: val is 10% of
-    Training), leaving train an image of each. train_10pct is 10% of each class of train, and train_1pct 1% of each
-    class of train, drawn from train_10pct; every class keeps an image. Unlabelled images go to train."""
+    """train/val/test and nested label fractions, stratified, deterministic for a seed. The curators' splits (given)
+    are kept; else test and val take their fraction of every class (brain MRI: val is 10% of Training). train_10pct is
+    10% of each class of train, train_1pct 1% of it, from train_10pct; each class keeps an image; unlabelled: train."""
     rng = np.random.default_rng(seed)
     labelled = [k for k in table.keys if k in table.labels]
     splits = {s: list(v) for s, v in table.given.items()}
@@ -166,9 +165,8 @@ def missing_images(table, keys):
     return [k for k, n in sizes.items() if n < 0]
 
 def load_splits(cfg, table):
-    """The run's splits (name -> keys) and where they came from: data_splits/<data> beside this file
-    where it exists, `auto` (computed with seed 0 from the images on disk), or a folder of split files.
-    A resumed run reads the ones it wrote in its folder at its start (images gone since are left out)."""
+    """The run's splits (name -> keys) and their source: data_splits/<data> beside this file where it exists, `auto`
+    (seed 0, from the images on disk) or a folder of split files; a resumed run, those it wrote (less images gone)."""
     committed, own = HERE / "data_splits" / table.name, Path(cfg.get("out") or "") / "splits"
     resumed = bool(cfg.get("resume")) and (own / "train.csv").is_file()
     choice = own if resumed else cfg["splits"] or ("committed" if committed.is_dir() else "auto")
@@ -243,9 +241,8 @@ class ImageDataset(Dataset):
         return img, self.targets[index]
 
 class EpochSampler(Sampler):
-    """A seeded permutation per epoch, cut into global batches; under torchrun rank r of W takes its slice of
-    every global batch, so W processes see what one process sees. Yields (index, augmentation seed) pairs
-    (torch's DistributedSampler splits a batch alike, but has no per-image seeds)."""
+    """A seeded permutation per epoch, cut into global batches; under torchrun rank r of W takes its slice of every
+    global batch, so W processes see what one sees. Yields (index, augmentation seed) pairs (DistributedSampler: no)."""
     def __init__(self, n, global_batch, seed, drop_last=True, rank=0, world=1):
         self.n, self.batch, self.seed, self.drop_last = n, global_batch, seed, drop_last
         self.rank, self.world, self.epoch = rank, world, 0
@@ -362,10 +359,9 @@ def cass_loss(cnn_out, vit_out, eps=1e-12):
     return (2 - 2 * (r * t).sum(dim=-1)).mean()
 
 def variance_covariance(z, eps=1e-4):
-    """VICReg's two regularisers (Bardes et al. 2022) on one arm's L2-normalised outputs [B, D], scaled by
-    sqrt(D) so that a healthy spread is a standard deviation of 1 per dimension: a hinge that keeps every
-    dimension's spread up (against complete collapse), and the squared off-diagonal covariances, which keep
-    the dimensions from carrying one signal (against dimensional collapse)."""
+    """VICReg's two regularisers (Bardes et al. 2022) on one arm's L2-normalised outputs [B, D], scaled by sqrt(D) so
+    that a healthy spread is a standard deviation of 1 per dimension: a hinge that keeps every dimension's spread up
+    (against complete collapse), and the squared off-diagonal covariances (against dimensional collapse)."""
     d = z.shape[1]
     z = F.normalize(z.float(), dim=-1) * d**0.5
     z = z - z.mean(dim=0)
@@ -396,9 +392,8 @@ def focal_loss(logits, targets, alpha=1.0, gamma=2.0, class_weights=None):
 
 def term_weights(targets, weights, kind, multilabel):
     """The focal loss's weight of each term [B, C] from the class weights [C]. A constant per column (`paper`, the
-    notebooks) only scales each row of a linear head's gradient, and Adam divides that scale out: it cannot
-    rebalance. So an image weighs its true class's weight (single-label), or each positive term its class's weight
-    and each negative 1 (multi-label, BCE's pos_weight); on the training split inverse weights then average 1."""
+    notebooks) only scales each row of a linear head's gradient, which Adam divides out. So an image weighs its true
+    class's weight (single-label), or each positive term its class's and each negative 1 (multi-label: pos_weight)."""
     if weights is None or kind == "paper":
         return weights
     weights = weights.to(targets.device)
@@ -406,8 +401,7 @@ def term_weights(targets, weights, kind, multilabel):
 
 def class_weights(counts, kind="inverse"):
     """Per-class focal-loss weights from the training split's class counts [C]. inverse (default): N / (C * count),
-    rescaled to mean 1: the rarest class weighs most. paper: the notebooks' min-max normalised counts mapped into
-    [0.2, 1]: the majority class weighs 1.0 and the rarest 0.2, which up-weights the majority. none: no weights."""
+    rescaled to mean 1. paper: the notebooks' min-max counts in [0.2, 1], the majority 1.0 and the rarest 0.2."""
     counts = torch.as_tensor(counts, dtype=torch.float32).clamp(min=1)
     if kind == "inverse":
         w = counts.sum() / (len(counts) * counts)
@@ -486,23 +480,23 @@ def encode(model, loader, rt):
     model.train(was_training)
     return torch.cat(feats), torch.cat(outs), torch.cat(ys)
 
-def monitor_loaders(table, splits, cfg, store, rt):
+def monitor_loaders(table, splits, cfg, rt):
     """Fixed images of train (the bank) and val (the queries), unaugmented, decoded once a run and held in memory
     (750 at most; each epoch's monitor then reads no file and starts no worker); None without class labels."""
     if table.multilabel or not table.labels:
         return None
-    rng, loaders, once = np.random.default_rng(cfg["seed"]), {}, dict(cfg, cache_images=True)
+    rng, loaders = np.random.default_rng(cfg["seed"]), {}
     for split, n in (("train", MONITOR["bank"]), ("val", MONITOR["queries"])):
         keys = [k for k in splits[split] if k in table.labels]
         keys = [keys[i] for i in sorted(rng.permutation(len(keys))[:n])]
-        dataset = ImageDataset(table, keys, cfg["img_size"], cache=decode_all(table, keys, once, store))
+        images = [decode_image(table, k, cfg["img_size"]) for k in Progress(keys, f"decoding the monitor's {split}")]
+        dataset = ImageDataset(table, keys, cfg["img_size"], cache=torch.stack(images) if images else None)
         loaders[split] = make_loader(dataset, None, 256, cfg["workers"], rt)
     return loaders if all(len(v.dataset) > 1 for v in loaders.values()) else None  # a spread needs two
 
 def monitor(arms, loaders, rt, baselines=False):
-    """The collapse monitor on the validation queries, for each encoder of `arms` ({"cnn": model, "vit": model} or one):
-    the outputs' spread, first principal component's share and effective rank, the 20-NN accuracy against the bank on
-    outputs and pooled features, and the cosine between two arms. `baselines`: the 20-NN on raw pixels (<= 64 px)."""
+    """The collapse monitor on the validation queries for each encoder of `arms` ({arm: model}): outputs' spread, PC1
+    share, effective rank, 20-NN against the bank (outputs, features), the arms' cosine; `baselines`: on raw pixels."""
     m, k, z = {}, MONITOR["k"], {}
     for arm, model in arms.items():
         (tf, to, ty), (vf, vo, vy) = encode(model, loaders["train"], rt), encode(model, loaders["val"], rt)
@@ -578,7 +572,7 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
     return dict(loss=mean[0], loss_first_step=first, loss_last_step=last, std_cnn=mean[1], std_vit=mean[2],
                 cos_cnn_vit=mean[3], steps=step, data_seconds=waited)
 
-def pretrain(cfg, store=None):
+def pretrain(cfg):
     """CASS pretraining with a resolved config (`resolve`); returns the run folder."""
     rt = make_runtime(cfg["device"], cfg["precision"])
     out = Path(cfg["out"] or f"runs/pretrain-{cfg['data']}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -595,11 +589,11 @@ def pretrain(cfg, store=None):
     if len(train) < cfg["batch_size"]:
         raise UserError(f"the training split has {len(train)} images, fewer than one batch (--batch-size "
                         f"{cfg['batch_size']}); lower --batch-size")
-    cache = decode_all(table, train, cfg, store)
+    cache = decode_all(table, train, cfg)
     dataset = ImageDataset(table, train, cfg["img_size"], cass_augment(), cache)
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
-    mon = monitor_loaders(table, splits, cfg, store, rt) if rt.rank == 0 else None
+    mon = monitor_loaders(table, splits, cfg, rt) if rt.rank == 0 else None
     # -- encoders, optimiser, schedule, SWA ------------------------------------------------------
     cnn, vit = (to_device(m, rt, cfg[arm]) for m, arm in zip(build_pair(cfg), ("cnn", "vit")))
     optimizer = make_adam([*cnn.parameters(), *vit.parameters()], cfg["lr"])  # one Adam, both encoders
@@ -770,7 +764,7 @@ def init_encoder(cfg, num_classes):
                         f"{cfg['img_size']}; drop --img-size or use {obj['kwargs'].get('img_size')}")
     return model, obj["model"], obj["kwargs"], obj["arm"]
 
-def finetune(cfg, store=None):
+def finetune(cfg):
     """Fine-tune one arm on a fraction of the labels with a resolved config (`resolve`); returns the run folder."""
     rt = make_runtime(cfg["device"], cfg["precision"])
     if rt.world > 1:
@@ -799,7 +793,7 @@ def finetune(cfg, store=None):
                 f" of {', '.join(absent[:10])}: the model cannot learn them; add images of them, or leave them out of "
                 "the data" if k else "s"))
     size = cfg["img_size"]
-    cached = {s: decode_all(table, k, cfg, store) for s, k in keys.items()}
+    cached = {s: decode_all(table, k, cfg) for s, k in keys.items()}
     train_ds = ImageDataset(table, keys["train"], size, cass_augment(), cached["train"])  # paper B.2.1
     eval_ds = {s: ImageDataset(table, keys[s], size, cache=cached[s]) for s in ("val", "test")}
     w = class_weights(train_ds.targets.sum(0), cfg["class_weights"])
@@ -813,7 +807,7 @@ def finetune(cfg, store=None):
     if cfg["init"] == "random-bn" and not last:
         # The control for CASS's CNN: a random CNN whose BatchNorm statistics are re-estimated on the unlabelled
         # training images. A gain over it is learned; a gain over `random` alone may be recalibration.
-        everything = ImageDataset(table, splits["train"], size, cache=decode_all(table, splits["train"], cfg, store))
+        everything = ImageDataset(table, splits["train"], size, cache=decode_all(table, splits["train"], cfg))
         shuffled = EpochSampler(len(everything), cfg["batch_size"], cfg["seed"], drop_last=False)  # never class-sorted
         recompute_batchnorm(model, make_loader(everything, shuffled, cfg["batch_size"], cfg["workers"], rt), rt)
     eval_loader = {s: make_loader(d, None, cfg["batch_size"], cfg["workers"], rt) for s, d in eval_ds.items()}
@@ -909,9 +903,8 @@ def load_finetuned(path, what="--ckpt"):
     return path, obj
 
 def load_model(path, device="cpu"):
-    """A fine-tuned best.pt (or its run folder) as a timm model in eval mode, with its preprocessing: a PIL image (any
-    mode) or an image file (DICOM: with the run's --window) to the [1, 3, S, S] float tensor it was trained on (a plain
-    resize to the run's size, ImageNet mean and std). Returns (model, preprocess, class names)."""
+    """A fine-tuned best.pt (or its run folder) as a timm model in eval mode, with its preprocessing: a PIL image or an
+    image file (DICOM: with the run's --window) to the [1, 3, S, S] tensor it was trained on; and its class names."""
     path, obj = load_finetuned(path, "checkpoint")
     model, window = load_encoder(obj, path).to(device).eval(), obj["config"].get("window")
     read = lambda img: read_image(img, window) if isinstance(img, (str, Path)) else img  # noqa: E731
@@ -922,9 +915,9 @@ def ensemble_probabilities(ckpts, table, keys, rt, workers, skip_bad=False):
     probs = 0
     for path, obj in ckpts:  # each model sees the images as it was trained on them: its size, its DICOM window
         model = to_device(load_encoder(obj, path), rt, obj["model"])
-        loader = make_loader(ImageDataset(replace(table, window=obj["config"].get("window")), keys, obj["img_size"],
-                                          skip_bad=skip_bad), None,
-                             obj["config"]["batch_size"], workers, rt)
+        data = ImageDataset(replace(table, window=obj["config"].get("window")), keys, obj["img_size"], None, None,
+                            skip_bad)
+        loader = make_loader(data, None, obj["config"]["batch_size"], workers, rt)
         logits, targets = logits_of(model, loader, rt, normalize)
         probs = probs + probabilities(logits, table.multilabel) / len(ckpts)
     return probs, targets
@@ -1028,10 +1021,9 @@ def read_image(path, window=None):
 
 def read_dicom(path, window=None):
     """A DICOM image as a radiologist's viewer shows it, grey or RGB, 8 bits: the stored values through the modality
-    LUT (rescale slope and intercept: CT in Hounsfield units), then a linear window from centre - width / 2 to
-    centre + width / 2 (`window`, else the file's first window; a file with only a VOI LUT: that LUT; neither: the
-    image's 0.5th to 99.5th percentiles, so that no metal artefact sets the contrast), then MONOCHROME1 inverted
-    (its black is dense). Colour (RGB, YBR, palette) comes as RGB. One frame a file: a cine loop is refused."""
+    LUT (rescale slope and intercept: CT in Hounsfield units), then a linear window, centre -/+ width / 2 (`window`,
+    else the file's first; with only a VOI LUT, that; else the 0.5th-99.5th percentiles: no metal artefact sets the
+    contrast), then MONOCHROME1 inverted (its black is dense). Colour comes as RGB; a cine loop is refused."""
     from PIL import Image
     try:
         import pydicom
@@ -1082,9 +1074,8 @@ def write_csv(rows, path):
     atomic_write(path, text.getvalue().encode("utf-8", "surrogateescape"))  # names in any bytes a disk allows
 
 def image_files(folder):
-    """The one rule for a folder of images, in every reader and in predict: its image files at any depth, sorted,
-    but for names that start with a dot and DICOM files without an image (named); a link to nowhere is kept, to be
-    named as an unreadable image."""
+    """The one rule for a folder of images, in every reader and in predict: its image files at any depth, sorted, but
+    names that start with a dot and DICOM files without an image (named); a link to nowhere stays, to be named."""
     files = distinct([p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and (
         p.is_file() or not p.exists()) and not any(part.startswith(".") for part in p.relative_to(folder).parts)])
     other = {p for p in files if p.suffix.lower() in DICOM_SUFFIXES and not holds_image(p)}
@@ -1265,21 +1256,30 @@ def make_loader(dataset, sampler, batch, workers, rt):
                       pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_signals if workers else None,
                       persistent_workers=bool(workers) and sampler is not None)  # training: no start-up per epoch
 
-def decode_all(table, keys, cfg, store=None):
-    """--cache-images: every image decoded and resized once, uint8 [N, 3, size, size] (None without the flag).
-    `store`, a dict the caller owns, keeps them for the later runs of one process (tools/protocol.py)."""
-    if not cfg["cache_images"]:
+def decode_all(table, keys, cfg):
+    """--cache-images: the images decoded and resized once, uint8 [N, 3, size, size], in a file under --cache-dir that
+    every later run, protocol cell and tool memory-maps (larger than memory works). Its name hashes what it was made of
+    (dataset, folder, keys, size, window, each file's size and time): a changed file is decoded again."""
+    if not cfg["cache_images"] or not keys:
         return None
-    size, workers = cfg["img_size"], cfg["workers"]
-    key = (table.name, table.image_dir, size, str(table.window), tuple(keys))
-    if store is not None and key in store:
-        return store[key]
-    loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=workers,  # a generator of its own:
-                        generator=torch.Generator(), worker_init_fn=_ignore_signals)  # the run's draws stay as they are
-    images = torch.cat([x for x, _ in Progress(loader, "decoding images")]) if keys else None
-    if store is not None and table.arrays is None:  # arrays are in memory already
-        store[key] = images
-    return images
+    size, stamps = cfg["img_size"], [] if table.arrays is not None else [
+        [(s := table.path(k).stat()).st_size, s.st_mtime_ns] for k in keys]  # one stat a file
+    made_of = [table.name, str(Path(table.image_dir).resolve()), table.suffix, size, table.window, keys, stamps]
+    name = f"{table.name}-{size}px-{hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:20]}.npy"
+    if not (path := Path(cfg["cache_dir"]).expanduser() / name).is_file():  # two builders: each its file, one rename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=cfg["workers"],  # a generator
+                            generator=torch.Generator(), worker_init_fn=_ignore_signals)  # of its own: the run's stays
+        tmp, done = path.with_name(f".{path.name}.tmp{os.getpid()}"), 0
+        try:
+            images = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(keys), 3, size, size))
+            for x, _ in Progress(loader, f"decoding {len(keys)} images into {path}"):
+                images[done:(done := done + len(x))] = x.numpy()
+            images.flush()
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write pages: the file is never changed
 
 def hub_offline(timeout=5.0):
     """Whether the Hugging Face hub is out of reach (or HF_HUB_OFFLINE is set). Offline, timm's download retries for a
@@ -1543,7 +1543,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict; def
                "40,80, lung --window=-600,1500, bone 400,1800) (default: each file's own)", "f": "DICOM: one window "
                "for every file (default: the --init run's, else each file's own)"}, dict(type=window_flag,
                                                                                          metavar="CENTER,WIDTH")),
-    "cache_images": ("pf", False, "decode and resize every image once and keep them in memory", {}),
+    "cache_images": ("pf", False, "decode and resize each image once, into a file in --cache-dir that runs share", {}),
+    "cache_dir": ("pf", "~/.cache/cass", "where --cache-images keeps the decoded images (a file a dataset, size)", {}),
     "out": ("pfex", None, {"": "the run folder (default: a new one under runs/)", "e": "a JSON file for the metrics "
             "(default: none, printed only)", "x": "the CSV to write (default: predictions.csv)"}, {}),
     "overwrite": ("ex", False, "replace --out where it exists", {}),
@@ -1566,9 +1567,8 @@ LEAST = dict(epochs=1, batch_size=2, img_size=16, patch_size=1, out_dim=2, worke
              lr=1e-12)  # the least value of each that can work
 
 def resolve(command, given, kind=None):
-    """A run's config: the flags given (a dict, unset ones left out), then for finetune what the --init run used,
-    then the preset's values, then the defaults above. A resumed run takes its own config (args.json), which
-    a run of another `kind` (default: the command; tools/dino.py: dino) does not have."""
+    """A run's config: the flags given (a dict, unset ones left out), then for finetune what the --init run used, then
+    the preset's, then the defaults above. A resumed run takes its args.json, not another `kind`'s (tools/dino.py)."""
     low = next((k for k, v in LEAST.items() if k in given and not v <= given[k] < math.inf), None)  # NaN included
     if low:
         raise UserError(f"--{low.replace('_', '-')} {given[low]} cannot work: give a number from {LEAST[low]:g} up")

@@ -1495,27 +1495,36 @@ def test_a_finetuned_head_is_fresh_even_when_as_wide_as_the_pretraining_head(tmp
                                                                                        ft["fc.weight"], atol=1e-3)
 
 
-def test_cached_runs_decode_each_split_once_and_change_nothing(tmp_path):
+def test_the_image_cache_is_decoded_once_for_every_later_run_and_changes_nothing(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "d", n=6)
     given = dict(preset="tiny", img_size=32, patch_size=8, batch_size=8, workers=0, device="cpu", epochs=2,
-                 data="folder", root=str(root), splits="auto", init="random", arm="cnn", mode="linear")
+                 data="folder", root=str(root), splits="auto", init="random", arm="cnn", mode="linear",
+                 cache_dir=str(tmp_path / "cache"))
     cass.finetune(cass.resolve("finetune", {**given, "out": str(tmp_path / "plain")}))
-    store = {}
-    cass.finetune(cass.resolve("finetune", {**given, "cache_images": True, "out": str(tmp_path / "cached")}), store)
-    assert len(store) == 3  # train, val, test
-    remembered = dict(store)
-    cass.finetune(cass.resolve("finetune", {**given, "cache_images": True, "seed": 1, "out": str(tmp_path / "again")}),
-                  store)
-    assert all(store[k] is v for k, v in remembered.items())  # reused, not decoded again
+    calls, real = [], cass.decode_image
+    monkeypatch.setattr(cass, "decode_image", lambda table, key, size: calls.append(key) or real(table, key, size))
+    cass.finetune(cass.resolve("finetune", {**given, "cache_images": True, "out": str(tmp_path / "cached")}))
+    files, decoded = sorted((tmp_path / "cache").glob("*.npy")), len(calls)
+    assert len(files) == 3 and decoded == 18 and not list((tmp_path / "cache").glob(".*"))  # train, val, test
+    cass.finetune(cass.resolve("finetune", {**given, "cache_images": True, "seed": 1, "out": str(tmp_path / "again")}))
+    assert len(calls) == decoded and sorted((tmp_path / "cache").glob("*.npy")) == files  # read, not decoded again
     losses = [[r["train_loss"] for r in read_log(tmp_path / d / "log.jsonl")] for d in ("plain", "cached")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     auc = [json.load(open(tmp_path / d / "metrics.json"))["test"]["roc_auc_ovr"] for d in ("plain", "cached")]
     assert auc[0] == pytest.approx(auc[1], rel=1e-6)
-
-
-# ------------------------------------------------------------------------------------------
-# nothing lost, nothing silent: each class of mistake and fault, as a table of cases
-# ------------------------------------------------------------------------------------------
+    table = cass.load_table("folder", root)
+    cfg, keys = dict(given, cache_images=True), sorted(table.keys)
+    assert torch.equal(cass.decode_all(table, keys, cfg), torch.stack([real(table, k, 32) for k in keys]))
+    class_image(2, 99).save(root / keys[0])  # a file changed since: decoded again, into another file
+    os.utime(root / keys[0], ns=(time.time_ns(), time.time_ns() + 10**9))
+    again = cass.decode_all(table, keys, cfg)
+    assert torch.equal(again[0], real(table, keys[0], 32)) and len(list((tmp_path / "cache").glob("*.npy"))) == 5
+    twin = write_folder(tmp_path / "twin", n=6)  # the same names and classes elsewhere: never taken for the first
+    other = cass.decode_all(cass.load_table("folder", twin), keys, cfg)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 6 and torch.equal(other[1:], again[1:])
+    cass.decode_all(table, keys, dict(cfg, img_size=16))  # another size, another window: a file each
+    cass.decode_all(cass.load_table("folder", root, [40, 80]), keys, cfg)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 8
 
 
 def snapshot(*roots):
@@ -2131,8 +2140,8 @@ def test_sigterm_in_every_phase_is_exit_143_one_sentence_and_no_half_file(phase,
     flags, arm = SIGTERM_PHASES[phase]
     root = write_folder(tmp_path / "d", n=8)
     arm(monkeypatch)
-    code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--epochs", "2", *flags, "--out", tmp_path / "r"],
-                     capsys)
+    code, text = cli([*PRETRAIN, "--data", "folder", "--root", root, "--epochs", "2", *flags, "--cache-dir",
+                      tmp_path / "cache", "--out", tmp_path / "r"], capsys)  # a half-written cache is a half file too
     err = text.strip().splitlines()[-1]
     assert code == 143 and err.startswith("error: interrupted") and "Traceback" not in text, text
     assert not list(tmp_path.rglob(".*.tmp*")) and not (tmp_path / "r" / "cnn.pt").exists()

@@ -711,8 +711,8 @@ def test_protocol_reruns_a_cell_whose_result_is_damaged_and_its_table_is_what_is
     other = hold(cells / "cnn-random-linear-1-seed0.lock")  # another process sharing the grid runs seed 0
     real = cass.finetune
 
-    def finetune(cfg, store=None):  # while this process runs seed 1, the other one finishes seed 0
-        out = real(cfg, store)
+    def finetune(cfg):  # while this process runs seed 1, the other one finishes seed 0
+        out = real(cfg)
         seed0 = cells / "cnn-random-linear-1-seed0"
         seed0.mkdir()
         for name in ("metrics.json", "args.json"):
@@ -735,7 +735,7 @@ def test_protocol_reruns_a_cell_whose_result_is_damaged_and_its_table_is_what_is
 
 
 def test_ctrl_c_in_a_protocol_cell_advises_rerunning_the_grid_not_a_flag_it_refuses(tmp_path, monkeypatch, capsys):
-    def interrupt(cfg, store=None):
+    def interrupt(cfg):
         raise KeyboardInterrupt("interrupted in epoch 1; continue with the same command plus --resume")
 
     monkeypatch.setattr(cass, "finetune", interrupt)

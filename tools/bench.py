@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dino  # noqa: E402  (imports vit_pytorch only with --dino)
 
 BENCH_FLAGS = ("data", "root", "splits", "preset", "cnn", "vit", "patch_size", "img_size", "out_dim", "batch_size",
-               "lr", "workers", "device", "precision", "compile", "cache_images", "objective", "window")
+               "lr", "workers", "device", "precision", "compile", "cache_images", "cache_dir", "objective",
+               "window")
 
 
 def build_parser():

@@ -186,7 +186,7 @@ def format_epoch(r, cfg):
     return line + (f"\n  {warning}" if warning else "")
 
 
-def pretrain(cfg, store=None):
+def pretrain(cfg):
     """DINO on each arm of cfg["arms"], one pass after the other, into one run folder; returns the folder."""
     rt = cass.make_runtime(cfg["device"], cfg["precision"])
     if rt.world > 1:
@@ -201,10 +201,10 @@ def pretrain(cfg, store=None):
     if len(train) < cfg["batch_size"]:
         raise cass.UserError(f"the training split has {len(train)} images, fewer than one batch (--batch-size "
                              f"{cfg['batch_size']}); lower --batch-size")
-    dataset = cass.ImageDataset(table, train, cfg["img_size"], None, cass.decode_all(table, train, cfg, store))
+    dataset = cass.ImageDataset(table, train, cfg["img_size"], None, cass.decode_all(table, train, cfg))
     sampler = cass.EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"])
     loader = cass.make_loader(dataset, sampler, cfg["batch_size"], cfg["workers"], rt)
-    mon = cass.monitor_loaders(table, splits, cfg, store, rt)
+    mon = cass.monitor_loaders(table, splits, cfg, rt)
     saved = cass.restore({}, out) if cfg["resume"] else None  # read only: the folder is not held yet
     saved_arm = saved["arm"] if saved else None
 

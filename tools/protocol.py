@@ -6,8 +6,8 @@ fine-tuned and tested; a table of the test headline metric.
 
 Resumable: rerunning the command continues an interrupted pretraining run and skips finished cells. Cells
 are claimed by lock files, so several processes given the same --out share one grid (one per GPU or core).
-Writes table.md and table.json in --out. Calls cass.pretrain, dino.pretrain and cass.finetune in this process,
-which keeps the decoded images of --cache-images for all runs. A pretraining runs only while a cell of its
+Writes table.md and table.json in --out. Calls cass.pretrain, dino.pretrain and cass.finetune in this process;
+with --cache-images every run and cell reads the one file of decoded images in --cache-dir. A pretraining runs only while a cell of its
 initialisation is left to run, and the DINO run uses the CASS run's splits (and the cells use those of the
 first), so every row sees the same images.
 """
@@ -117,7 +117,7 @@ def run(given, grid):
                f"runs/protocol-{given.get('data', 'digits')}-{time.strftime('%Y%m%d-%H%M%S')}")
     cass.check_output(out, [given["root"]] if given.get("root") else [], folder=True)  # never inside the data
     out.mkdir(parents=True, exist_ok=True)
-    store, times = {}, {}  # store: the decoded images of --cache-images, shared by every run of this process
+    times = {}
 
     # -- the pretraining runs (resumed if interrupted), where a cell of theirs is left to run --------
     ok, why = imagenet_available(given) if "imagenet" in grid["inits"] else (False, "")
@@ -137,10 +137,10 @@ def run(given, grid):
             try:
                 if init == "cass":
                     cass.pretrain(cass.resolve("pretrain", {k: v for k, v in args.items() if k not in
-                                                            dino.DINO_FLAGS}), store)
+                                                            dino.DINO_FLAGS}))
                 else:
                     dino.pretrain(dino.resolve({**{k: v for k, v in args.items() if k not in dino.CASS_ONLY},
-                                                "arms": list(arms)}), store)
+                                                "arms": list(arms)}))
             except KeyboardInterrupt:  # the advice is this command's: it resumes the run itself
                 raise KeyboardInterrupt(f"interrupted in the {init} pretraining run; rerun this command to continue "
                                         "it and the grid") from None
@@ -181,7 +181,7 @@ def run(given, grid):
                                             **({"epochs": epochs} if epochs else {})})
             t0 = time.perf_counter()
             try:
-                cass.finetune(cfg, store)
+                cass.finetune(cfg)
                 cass.write_json(dict(seconds=time.perf_counter() - t0), cell / "wall.json")
             except cass.UserError as e:
                 raise cass.UserError(f"cell {name}: {e} (rerunning this command resumes the grid)") from None

@@ -1427,17 +1427,17 @@ def claim_run_folder(out, cfg, rt, splits, table, saved=None):
         release(lock)
 
 def save_run(state, out, epoch, cfg, **extra):
-    """last.pt after every epoch: each state_dict, the random state, the epochs, the config, log.jsonl's length."""
-    log = out / "log.jsonl"
-    lines = sum(1 for _ in open(log)) if log.exists() else 0
+    """last.pt after every epoch: the state_dicts (SWA's once it averages), random state, epochs, config, log length."""
+    lines = sum(1 for _ in open(out / "log.jsonl")) if (out / "log.jsonl").exists() else 0
     atomic_write(out / "last.pt", dict(format="cass-run", epoch=epoch, config=cfg, rng=torch.get_rng_state(), **extra,
-                                       log_lines=lines, **{k: v.state_dict() for k, v in state.items()}))
+                                       log_lines=lines, **{k: v.state_dict() for k, v in state.items() if
+                                                           getattr(v, "n_averaged", 1)}))
 
 def restore(state, out):
     """An interrupted run's state from last.pt, read without touching the folder; returns what last.pt holds."""
     saved = load_checkpoint(out / "last.pt", "last.pt", "it cannot be resumed: start the run again with another --out")
-    for name, obj in state.items():
-        obj.load_state_dict(saved[name])
+    for name in (n for n in state if n in saved or not hasattr(state[n], "n_averaged")):  # SWA before --swa-start:
+        state[name].load_state_dict(saved[name])  # not in last.pt (a copy of saved weights), it starts afresh
     torch.set_rng_state(saved["rng"])
     return saved
 

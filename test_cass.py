@@ -1039,6 +1039,20 @@ def test_two_epochs_equal_one_epoch_plus_resume_and_same_seed_runs_are_identical
         assert all(torch.equal(a[k], c[k]) for k in a), arm
 
 
+def test_last_pt_holds_no_swa_copies_before_swa_start(tmp_path):
+    root = write_folder(tmp_path / "data", n=8)
+    sizes = {}
+    for start in (0, 5):  # averaging from the first epoch; not yet averaging after the only one
+        out = tmp_path / f"swa{start}"
+        assert cass.main([*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "1",
+                          "--swa-start", start, "--keep-last", "--out", out]) == 0
+        saved = torch.load(out / "last.pt", weights_only=True)
+        assert ("swa_cnn" in saved and "swa_vit" in saved) == (start == 0)
+        sizes[start] = (out / "last.pt").stat().st_size
+    encoders = (tmp_path / "swa5" / "cnn.pt").stat().st_size + (tmp_path / "swa5" / "vit.pt").stat().st_size
+    assert sizes[0] - sizes[5] > 0.9 * encoders  # the two copies SWA held
+
+
 def test_finetune_resume_gives_the_same_weights(tmp_path):
     root = write_folder(tmp_path / "data", n=8)
     common = [*FINETUNE, "--data", "folder", "--root", str(root), "--splits", "auto", "--init", "random"]

@@ -157,6 +157,16 @@ def test_building_dino_leaves_the_cnns_batchnorm_statistics_as_they_were():
             assert torch.equal(got[k], v), k
 
 
+def test_bench_times_last_pt_before_and_after_swa_start_and_times_decoding(tmp_path, capsys):
+    assert bench.main([*TINY, "--out-dim", "16", "--checkpoint"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < r["checkpoint_bytes_before_swa"] < r["checkpoint_bytes_after_swa"] and r["checkpoint_seconds_after_swa"] > 0
+    write_folder(tmp_path / "d", ("a",), 1)
+    assert bench.main([*TINY, "--decode", tmp_path / "d" / "a" / "a_0.png"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["img_size"] == 32 and list(r["decode_seconds"].values())[0] > 0
+
+
 def test_bench_refuses_to_compare_a_compiled_or_checkpointed_cass_step_with_dino(capsys):
     for flag in ("--compile", "--grad-checkpointing"):
         assert bench.main([*TINY, "--out-dim", "16", "--steps", "1", "--dino", flag]) == 2

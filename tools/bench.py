@@ -7,6 +7,7 @@ matrix-product peak, the largest batch that fits a GPU (--max-batch) and, given 
     python tools/bench.py --device cuda --max-batch          # the paper's encoders at 384 px
     python tools/bench.py --preset tiny --dino --data isic2019 --root DIR    # the paper's Table 2
     python tools/bench.py --decode slice.dcm slice.jpg --img-size 384       # decoding one file, DICOM or picture
+    python tools/bench.py --checkpoint --device cpu                         # last.pt at the paper's encoders
 
 --dino (the paper's Table 2) also times one DINO step of each arm (tools/dino.py: vit_pytorch.Dino, same
 encoders, batch, precision and device) and gives the ratio CASS / (DINO CNN + DINO ViT): DINO trains one
@@ -47,6 +48,8 @@ def build_parser():
     p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest batch that fits")
     p.add_argument("--decode", nargs="+", metavar="FILE", help="only time decoding each file and resizing it to "
                    "--img-size, as every reader of cass.py does (DICOM with --window, else the file's own)")
+    p.add_argument("--checkpoint", action="store_true", help="only time writing last.pt as pretraining writes it "
+                   "(both encoders, Adam's moments, SWA's averages once they exist): bytes and seconds")
     p.add_argument("--dino", action="store_true", help="also time DINO on each arm, steps and whole epochs (Table 2)")
     default, text, options = dino.DINO_FLAGS["prototypes"]
     p.add_argument("--prototypes", default=default, help=f"with --dino: {text} (default: {default})", **options)
@@ -241,7 +244,39 @@ def epoch_split(cfg, rt):
     return time.perf_counter() - t0, r["data_seconds"], steps
 
 
+def checkpoint_cost(cfg, rt):
+    """Bytes and seconds of cass.save_run's last.pt for these encoders, before --swa-start and after it."""
+    torch.manual_seed(0)
+    pair = cass.build_pair({**cfg, "pretrained": False, "cnn_weights": None, "vit_weights": None})
+    cnn, vit = (cass.to_device(m, rt, cfg[arm]) for m, arm in zip(pair, ("cnn", "vit")))
+    optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], cfg["lr"])
+    scheduler = cass.cosine_schedule(optimizer, cfg)
+    x = torch.randint(0, 256, (2, 3, cfg["img_size"], cfg["img_size"]), dtype=torch.uint8)
+    cass.pretrain_epoch(cnn, vit, [(x, None)], optimizer, rt.scaler(), scheduler, rt, {**cfg, "epochs": 1}, 0)
+    swa = {f"swa_{arm}": torch.optim.swa_utils.AveragedModel(m) for arm, m in (("cnn", cnn), ("vit", vit))}
+    state = dict(cnn=cnn, vit=vit, optimizer=optimizer, scheduler=scheduler, scaler=rt.scaler(), **swa)
+    r = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for when in ("before_swa", "after_swa"):
+            if when == "after_swa":
+                swa["swa_cnn"].update_parameters(cnn)
+                swa["swa_vit"].update_parameters(vit)
+            t0 = time.perf_counter()
+            cass.save_run(state, Path(folder), 1, cfg)
+            r[f"checkpoint_seconds_{when}"] = time.perf_counter() - t0
+            r[f"checkpoint_bytes_{when}"] = (Path(folder) / "last.pt").stat().st_size
+            print(f"last.pt {when.replace('_', ' ')}: {r[f'checkpoint_bytes_{when}'] / 1e9:.2f} GB in "
+                  f"{r[f'checkpoint_seconds_{when}']:.1f} s (written whole, fsync'd, renamed)")
+    return r
+
+
 def bench(cfg):
+    if cfg["checkpoint"]:
+        rt = cass.make_runtime(cfg["device"], cfg["precision"])
+        print(f"checkpoint: {cfg['cnn']} + {cfg['vit']}, {cfg['img_size']} px, on {rt.device.type}")
+        r = checkpoint_cost(cfg, rt)
+        print(json.dumps(r))
+        return r
     if cfg["decode"]:
         r = dict(img_size=cfg["img_size"], decode_seconds=decode_seconds(cfg["decode"], cfg["img_size"],
                                                                        cfg.get("window")))
@@ -309,7 +344,7 @@ def bench(cfg):
 def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
     extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino", "prototypes",
-                                      "decode")}
+                                      "decode", "checkpoint")}
     given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
     return cass.run_command(lambda: bench({**cass.resolve("pretrain", given), **extra}), "interrupted")
 

@@ -267,9 +267,14 @@ def figure_protocol(folders, labels, paper=False):
         ax.set_title(f"{arm}, {mode}")
         ax.set_xlabel("labelled share of the training split")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best", framealpha=0.6)
     axes[0][0].set_ylabel(f"test {tables[0].get('headline', '')} (mean ± std over seeds)")
-    fig.tight_layout()
+    seen = {}  # one legend for every panel, below them: in a panel it covers points
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    rows = -(-len(seen) // 4)
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(4, len(seen)), fontsize=7)
+    fig.tight_layout(rect=(0, min(0.45, 0.05 * rows + 0.02), 1, 1))
     return fig
 
 

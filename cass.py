@@ -915,9 +915,8 @@ def ensemble_probabilities(ckpts, table, keys, rt, workers, skip_bad=False):
     probs = 0
     for path, obj in ckpts:  # each model sees the images as it was trained on them: its size, its DICOM window
         model = to_device(load_encoder(obj, path), rt, obj["model"])
-        data = ImageDataset(replace(table, window=obj["config"].get("window")), keys, obj["img_size"], None, None,
-                            skip_bad)
-        loader = make_loader(data, None, obj["config"]["batch_size"], workers, rt)
+        ds = ImageDataset(replace(table, window=obj["config"].get("window")), keys, obj["img_size"], skip_bad=skip_bad)
+        loader = make_loader(ds, None, obj["config"]["batch_size"], workers, rt)
         logits, targets = logits_of(model, loader, rt, normalize)
         probs = probs + probabilities(logits, table.multilabel) / len(ckpts)
     return probs, targets
@@ -1010,7 +1009,8 @@ def read_image(path, window=None):
     try:
         if Path(path).suffix.lower() in DICOM_SUFFIXES:
             return read_dicom(path, window)
-        (img := Image.open(path)).load()  # decoded, and the file closed
+        with Image.open(path) as img:  # its file closed on the way out, a multi-frame one too
+            img.load()
         return img
     except UserError:
         raise
@@ -1265,8 +1265,9 @@ def decode_all(table, keys, cfg):
     size, stamps = cfg["img_size"], [] if table.arrays is not None else [
         [(s := table.path(k).stat()).st_size, s.st_mtime_ns] for k in keys]  # one stat a file
     made_of = [table.name, str(Path(table.image_dir).resolve()), table.suffix, size, table.window, keys, stamps]
-    name = f"{table.name}-{size}px-{hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:20]}.npy"
-    if not (path := Path(cfg["cache_dir"]).expanduser() / name).is_file():  # two builders: each its file, one rename
+    path = Path(cfg.get("cache_dir", "~/.cache/cass")).expanduser()  # a run from before --cache-dir: the default
+    path /= f"{table.name}-{size}px-{hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:20]}.npy"
+    if not path.is_file():  # two runs building one cache write a file each, and the last rename wins
         path.parent.mkdir(parents=True, exist_ok=True)
         loader = DataLoader(ImageDataset(table, keys, size), batch_size=64, num_workers=cfg["workers"],  # a generator
                             generator=torch.Generator(), worker_init_fn=_ignore_signals)  # of its own: the run's stays
@@ -1480,8 +1481,7 @@ class Progress:
 
 PRESET = "the preset's"  # a flag whose default comes from PAPER / TINY
 
-def window_flag(text):
-    """--window CENTER,WIDTH -> [centre, width]."""
+def window_flag(text):  # --window CENTER,WIDTH -> [centre, width]
     with contextlib.suppress(ValueError):
         if (w := [float(v) for v in text.split(",")]) and len(w) == 2 and math.isfinite(w[0]) and 0 < w[1] < math.inf:
             return w

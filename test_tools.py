@@ -160,7 +160,8 @@ def test_building_dino_leaves_the_cnns_batchnorm_statistics_as_they_were():
 def test_bench_times_last_pt_before_and_after_swa_start_and_times_decoding(tmp_path, capsys):
     assert bench.main([*TINY, "--out-dim", "16", "--checkpoint"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert 0 < r["checkpoint_bytes_before_swa"] < r["checkpoint_bytes_after_swa"] and r["checkpoint_seconds_after_swa"] > 0
+    assert 0 < r["checkpoint_bytes_before_swa"] < r["checkpoint_bytes_after_swa"]
+    assert r["checkpoint_seconds_before_swa"] > 0 and r["checkpoint_seconds_after_swa"] > 0
     write_folder(tmp_path / "d", ("a",), 1)
     assert bench.main([*TINY, "--decode", tmp_path / "d" / "a" / "a_0.png"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

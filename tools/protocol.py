@@ -8,8 +8,8 @@ Resumable: rerunning the command continues an interrupted pretraining run and sk
 are claimed by lock files, so several processes given the same --out share one grid (one per GPU or core).
 Writes table.md and table.json in --out. Calls cass.pretrain, dino.pretrain and cass.finetune in this process;
 with --cache-images every run and cell reads one file of decoded images in --cache-dir. A pretraining runs only
-while a cell of its initialisation is left to run, and the DINO run uses the CASS run's splits (and the cells use those of the
-first), so every row sees the same images.
+while a cell of its initialisation is left to run, and the DINO run uses the CASS run's splits (and the cells use
+those of the first), so every row sees the same images.
 """
 import sys
 import time

@@ -16,8 +16,6 @@ negative pairs. Afterwards each arm is fine-tuned on a few labels on its own (fo
     python cass.py predict --ckpt runs/FT/best.pt --images DIR_OR_CSV --out predictions.csv
     torchrun --nproc_per_node=4 cass.py pretrain ...        # data-parallel pretraining
 
-tools/protocol.py (the paper's label-efficiency grid), tools/bench.py (speed) and tools/splits.py import this file.
-
 Where this file differs from the authors' notebooks, deliberately: gradients are zeroed every step (they never are);
 SWA is real (AveragedModel from --swa-start, once per epoch, BatchNorm statistics recomputed for the averaged CNN;
 theirs does nothing); the cosine schedule moves once per epoch (they step it per batch: --sched-unit step);
@@ -44,6 +42,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -123,9 +122,8 @@ def _stratified(keys, strata, count_of_class, rng):
     return [k for k in keys if k in picked]  # the table's order
 
 def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
-    """train/val/test and nested label fractions, stratified, deterministic for a seed. The curators' splits (given)
-    are kept; else test and val take their fraction of every class (brain MRI: val is 10% of Training). train_10pct is
-    10% of each class of train, train_1pct 1% of it, from train_10pct; each class keeps an image; unlabelled: train."""
+    """train/val/test and nested label fractions, stratified, seeded. The curators' splits are kept; else test and val
+    take their fraction of each class; train_10pct 10% of train, train_1pct 1% of it, from it (each keeps one)."""
     rng = np.random.default_rng(seed)
     labelled = [k for k in table.keys if k in table.labels]
     splits = {s: list(v) for s, v in table.given.items()}
@@ -209,14 +207,13 @@ def decode_image(table, key, size):
     if table.arrays is not None:
         name, index = key.split("/")
         return image_tensor(Image.fromarray(table.arrays[name][int(index)]), size)
-    return image_tensor(read_image(table.path(key), table.window), size)
+    return image_tensor(read_image(table.path(key), table.window, size), size)
 
 class ImageDataset(Dataset):
-    """The images of one split as uint8 [3, size, size] (augmented with `transform`) and multi-hot targets [C]. Items
-    are (index, seed) pairs from EpochSampler: each image's augmentation is drawn from its own seed, whatever the
-    workers, processes or resumption. With `skip_bad` (predict) an image that does not decode is zeros, target NaN."""
-    def __init__(self, table, keys, size, transform=None, cache=None, skip_bad=False):
-        self.table, self.keys, self.size, self.transform, self.cache = table, list(keys), size, transform, cache
+    """A split's images, uint8 [3, size, size], and multi-hot targets [C]; items (index, seed) from EpochSampler. With
+    `augment`, also the augment_params of the seed (whatever the workers); `skip_bad` (predict): zeros, target NaN."""
+    def __init__(self, table, keys, size, augment=False, cache=None, skip_bad=False):
+        self.table, self.keys, self.size, self.augment, self.cache = table, list(keys), size, augment, cache
         self.skip_bad = skip_bad
         n = max(len(table.classes), 1)
         self.targets = torch.stack([torch.as_tensor(table.labels.get(k, np.zeros(n, np.float32))) for k in self.keys]) \
@@ -228,17 +225,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
         try:
-            img = self.cache[index] if self.cache is not None else decode_image(self.table, self.keys[index], self.size)
+            img, target = self.cache[index] if self.cache is not None else \
+                decode_image(self.table, self.keys[index], self.size), self.targets[index]
         except UserError:
             if not self.skip_bad:
                 raise
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), torch.full_like(self.targets[index], np.nan)
-        if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay untouched
-                if seed is not None:  # the CPU generator only: torch.manual_seed would reseed CUDA's too
-                    torch.random.default_generator.manual_seed(seed)
-                img = self.transform(img)
-        return img, self.targets[index]
+            img, target = torch.zeros(3, self.size, self.size, dtype=torch.uint8), self.targets[index] * math.nan
+        return img, target, *([torch.from_numpy(augment_params(seed, self.size))] if self.augment else [])  # + [15]
 
 class EpochSampler(Sampler):
     """A seeded permutation per epoch, cut into global batches; under torchrun rank r of W takes its slice of every
@@ -264,15 +257,56 @@ class EpochSampler(Sampler):
     def __len__(self):
         return self.steps() * (self.batch // self.world)
 
-# ==== Augmentations (paper B.1.2; the same for fine-tuning, B.2.1) ===============================================
+# ==== Augmentations (paper B.1.2; the same for fine-tuning, B.2.1): drawn per image, applied to the batch ========
 
-def cass_augment():
-    """The paper's augmentation on uint8 images, in the loader's workers; normalisation runs on the device."""
-    from torchvision.transforms import v2 as T
-    return T.Compose([T.RandomApply([T.RandomChoice([T.ColorJitter(0.2, 0.2, 0.2),
-                                                     T.RandomPerspective(distortion_scale=0.2, p=1.0)])], p=0.3),
-                      T.RandomApply([T.RandomAffine(degrees=10)], p=0.3),
-                      T.RandomVerticalFlip(p=0.3), T.RandomHorizontalFlip(p=0.3)])
+def augment_params(seed, size):
+    """One image's draw from its own seed, in the loader: ColorJitter(0.2, 0.2, 0.2) *or* RandomPerspective(0.2) with
+    p 0.3, RandomAffine(degrees=10) with p 0.3, each flip with p 0.3 (torchvision's ranges, in order). float32 [15]:
+    the warp_matrix, the jitter's three factors (1: none) and their order."""
+    rng, inwards, factors, order = np.random.default_rng(seed), None, np.ones(3), np.arange(3)
+    if rng.random() < 0.3:
+        if rng.random() < 0.5:
+            factors, order = rng.uniform(0.8, 1.2, 3), rng.permutation(3)  # brightness, contrast, saturation
+        else:
+            inwards = rng.integers(0, int(0.2 * (size // 2)) + 1, (4, 2))  # pixels each corner moves inwards
+    angle = rng.uniform(-10, 10) if rng.random() < 0.3 else 0.0
+    vflip, hflip = rng.random() < 0.3, rng.random() < 0.3
+    return np.concatenate([warp_matrix(size, inwards, angle, vflip, hflip).ravel(), factors, order]).astype(np.float32)
+
+def warp_matrix(size, inwards=None, angle=0.0, vflip=False, hflip=False):
+    """Output pixel -> the input point it samples, 3x3 in grid_sample's [-1, 1]: perspective (corners tl, tr, br, bl
+    moved `inwards` [4, 2] px), rotation, flips, as torchvision's."""
+    s, m = float(size), np.eye(3)
+    if inwards is not None:  # the homography taking the moved corners back to the corners (torchvision's solve)
+        start = np.array([[0, 0], [s - 1, 0], [s - 1, s - 1], [0, s - 1]])
+        end = start + np.asarray(inwards) * [[1, 1], [-1, 1], [-1, -1], [1, -1]]
+        a = [[x, y, 1, 0, 0, 0, -u * x, -u * y] for (x, y), (u, _) in zip(end, start)] + [
+            [0, 0, 0, x, y, 1, -v * x, -v * y] for (x, y), (_, v) in zip(end, start)]
+        grid = np.array([[2 / s, 0, -1], [0, 2 / s, -1], [0, 0, 1]])  # pixels (i spans [i, i + 1]) to the grid
+        m = grid @ np.append(np.linalg.solve(a, np.r_[start[:, 0], start[:, 1]]), 1).reshape(3, 3) @ np.linalg.inv(grid)
+    c, r = math.cos(math.radians(angle)), math.sin(math.radians(angle))  # about the centre, the grid's 0
+    return m @ np.array([[c, r, 0], [-r, c, 0], [0, 0, 1]]) @ np.diag([-1 if hflip else 1, -1 if vflip else 1, 1])
+
+def augment(x, params):
+    """A uint8 batch [B, 3, S, S] on the device, augmented as its params [B, 15] (on the CPU) say; float, 0-255. Colour
+    first on the images that drew it (torchvision's blends, chosen on the CPU: no sync), then one bilinear warp for all
+    the geometry, black outside (torchvision resamples twice, rotating nearest). A plain image passes as it is."""
+    x, grey = x.float(), lambda y: 0.2989 * y[0] + 0.587 * y[1] + 0.114 * y[2]  # [S, S], torchvision's weights
+    for i in torch.nonzero(params[:, 9:12].ne(1).any(1)).flatten().tolist():
+        for k in params[i, 12:].int().tolist():  # 0 brightness, 1 contrast, 2 saturation, in the drawn order
+            y, f = x[i], float(params[i, 9 + k])
+            x[i] = (f * y + (1 - f) * (0 if k == 0 else grey(y).mean() if k == 1 else grey(y))).clamp(0, 255)
+    b, _, h, w = x.shape
+    line = lambda n: torch.linspace(-1 + 1 / n, 1 - 1 / n, n, device=x.device)  # noqa: E731 (pixel centres)
+    gy, gx = torch.meshgrid(line(h), line(w), indexing="ij")
+    m = params.to(x.device, non_blocking=True)[:, :9].view(b, 3, 3)  # from pinned memory: no wait
+    q = torch.stack([gx, gy, torch.ones_like(gx)], -1).view(1, h * w, 3) @ m.transpose(1, 2)  # [B, H*W, 3]
+    return F.grid_sample(x, (q[..., :2] / q[..., 2:]).view(b, h, w, 2), align_corners=False)
+
+def on_device(x, params, rt):
+    """A loader's batch on the training device, augmented where the loader drew `params` ([] or [[B, 15]])."""
+    x = x.to(rt.device, non_blocking=True)
+    return augment(x, *params) if params else x
 
 def normalize(x):
     """uint8 [B, 3, H, W] -> float with ImageNet mean and std (paper B.1.2), for both arms. The constants go to the
@@ -295,9 +329,8 @@ def encoder_kwargs(name, img_size, patch_size=None):
     return dict(img_size=img_size, **({"patch_size": patch_size} if patch_size else {}))
 
 def create_encoder(name, num_classes, kwargs, weights=None):
-    """A timm model with a `num_classes`-wide head. weights: None (random), "imagenet" (the Hugging Face hub,
-    through timm), a file (a cnn.pt / vit.pt of this program, or any state_dict of the architecture) or a folder
-    in timm's own layout, config.json and model.safetensors (tools/export.py writes one; so does the hub)."""
+    """A timm model with a `num_classes`-wide head. weights: None (random), "imagenet" (the hub, through timm), a file
+    (cnn.pt / vit.pt, or a state_dict of the architecture) or a folder in timm's layout (tools/export.py, the hub)."""
     import timm
     if not timm.is_model(name):
         raise UserError(f"--{'vit' if is_vit(name) else 'cnn'} {name} is not a timm model (see timm.list_models())")
@@ -359,9 +392,8 @@ def cass_loss(cnn_out, vit_out, eps=1e-12):
     return (2 - 2 * (r * t).sum(dim=-1)).mean()
 
 def variance_covariance(z, eps=1e-4):
-    """VICReg's two regularisers (Bardes et al. 2022) on one arm's L2-normalised outputs [B, D], scaled by sqrt(D) so
-    that a healthy spread is a standard deviation of 1 per dimension: a hinge that keeps every dimension's spread up
-    (against complete collapse), and the squared off-diagonal covariances (against dimensional collapse)."""
+    """VICReg's regularisers (Bardes et al. 2022) on an arm's L2-normalised outputs [B, D] times sqrt(D) (healthy: std 1
+    each): a hinge on each dimension's spread (complete collapse), squared off-diagonal covariances (dimensional)."""
     d = z.shape[1]
     z = F.normalize(z.float(), dim=-1) * d**0.5
     z = z - z.mean(dim=0)
@@ -391,9 +423,8 @@ def focal_loss(logits, targets, alpha=1.0, gamma=2.0, class_weights=None):
     return (loss * class_weights.to(loss.device) if class_weights is not None else loss).mean()
 
 def term_weights(targets, weights, kind, multilabel):
-    """The focal loss's weight of each term [B, C] from the class weights [C]. A constant per column (`paper`, the
-    notebooks) only scales each row of a linear head's gradient, which Adam divides out. So an image weighs its true
-    class's weight (single-label), or each positive term its class's and each negative 1 (multi-label: pos_weight)."""
+    """Each term's weight [B, C] from the class weights [C]. A constant per column (`paper`) scales each row of a linear
+    head's gradient, which Adam divides out: an image weighs its class's (multi-label: positives theirs, the rest 1)."""
     if weights is None or kind == "paper":
         return weights
     weights = weights.to(targets.device)
@@ -467,18 +498,20 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20):
     return float((votes.argmax(1) == test_y).float().mean())
 
 @torch.no_grad()
-def encode(model, loader, rt):
-    """Pooled features [N, F], head outputs [N, D] and targets of every image, unaugmented, in eval mode."""
-    model, feats, outs, ys = unwrap(model), [], [], []
-    was_training = model.training
-    model.eval()
+def encode(models, loader, rt):
+    """{name: (pooled features [N, F], head outputs [N, D], targets)} of each of `models` ({name: model}),
+    unaugmented, in eval mode, in one pass over the loader."""
+    models, got, ys = {a: unwrap(m) for a, m in models.items()}, {a: [] for a in models}, []
+    was = {a: m.training for a, m in models.items()}
     for x, y in loader:
-        with rt.autocast():
-            f = model.forward_head(model.forward_features(normalize(x.to(rt.device))), pre_logits=True)  # [B, F]
-            o = model.get_classifier()(f)  # [B, D]
-        feats, outs, ys = feats + [f.float().cpu()], outs + [o.float().cpu()], ys + [y]
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(outs), torch.cat(ys)
+        x, ys = normalize(x.to(rt.device)), ys + [y]
+        for a, m in models.items():
+            with rt.autocast():
+                f = m.eval().forward_head(m.forward_features(x), pre_logits=True)  # [B, F]
+                got[a].append((f.float().cpu(), m.get_classifier()(f).float().cpu()))  # and [B, D]
+    for a, m in models.items():
+        m.train(was[a])
+    return {a: (torch.cat([f for f, _ in v]), torch.cat([o for _, o in v]), torch.cat(ys)) for a, v in got.items()}
 
 def monitor_loaders(table, splits, cfg, rt):
     """Fixed images of train (the bank) and val (the queries), unaugmented, decoded once a run and held in memory
@@ -498,8 +531,9 @@ def monitor(arms, loaders, rt, baselines=False):
     """The collapse monitor on the validation queries for each encoder of `arms` ({arm: model}): outputs' spread, PC1
     share, effective rank, 20-NN against the bank (outputs, features), the arms' cosine; `baselines`: on raw pixels."""
     m, k, z = {}, MONITOR["k"], {}
-    for arm, model in arms.items():
-        (tf, to, ty), (vf, vo, vy) = encode(model, loaders["train"], rt), encode(model, loaders["val"], rt)
+    bank, queries = encode(arms, loaders["train"], rt), encode(arms, loaders["val"], rt)  # one pass each, both arms
+    for arm in arms:
+        (tf, to, ty), (vf, vo, vy) = bank[arm], queries[arm]
         ty, vy = ty.argmax(1), vy.argmax(1)
         m[f"knn_{arm}_out"], m[f"knn_{arm}_feat"] = knn_accuracy(to, ty, vo, vy, k), knn_accuracy(tf, ty, vf, vy, k)
         m[f"val_std_{arm}"] = float(output_spread(vo))
@@ -548,9 +582,9 @@ def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoc
     stats = torch.zeros(4, dtype=torch.float64, device=rt.device)  # sums: loss, spread cnn, spread vit, cosine
     first, waited, ready = None, 0.0, time.perf_counter()  # the first step's loss; seconds waiting for the loader
     bar = Progress(loader, f"epoch {epoch + 1}/{cfg['epochs']}", show=rt.rank == 0)
-    for step, (x, _) in enumerate(bar, 1):
-        waited += time.perf_counter() - ready  # the CPU side (decoding, augmenting) was behind the step
-        x = normalize(x.to(rt.device, non_blocking=True))  # uint8 -> float [B, 3, H, W], one view for both arms
+    for step, (x, _, *a) in enumerate(bar, 1):
+        waited += time.perf_counter() - ready  # the CPU side (decoding, collating) was behind the step
+        x = normalize(on_device(x, a, rt))  # uint8 -> float [B, 3, H, W], one view for both arms
         optimizer.zero_grad(set_to_none=True)  # every step (the notebooks never zero the gradients)
         with rt.autocast():
             r, t = cnn(x), vit(x)  # [B, D] outputs of the CNN and of the ViT
@@ -590,7 +624,7 @@ def pretrain(cfg):
         raise UserError(f"the training split has {len(train)} images, fewer than one batch (--batch-size "
                         f"{cfg['batch_size']}); lower --batch-size")
     cache = decode_all(table, train, cfg)
-    dataset = ImageDataset(table, train, cfg["img_size"], cass_augment(), cache)
+    dataset = ImageDataset(table, train, cfg["img_size"], True, cache)
     sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
     loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
     mon = monitor_loaders(table, splits, cfg, rt) if rt.rank == 0 else None
@@ -618,7 +652,7 @@ def pretrain(cfg):
             append_jsonl(dict(epoch=0, phase="init", **m), out / "log.jsonl")
             print(format_monitor(m, "epoch   0 (init)"))
         # -- the loop: an epoch, SWA, the monitor, one log line and last.pt -------------------------
-        epoch = start
+        epoch, saving = start, {}  # saving: the last epoch's last.pt, the seconds training waited for its copy
         try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
             for epoch in range(start, cfg["epochs"]):
                 sampler.set_epoch(epoch)
@@ -630,26 +664,30 @@ def pretrain(cfg):
                     swa_vit.update_parameters(vit)
                 r = dict(epoch=epoch + 1, **r, lr=lr, seconds=seconds,
                          std_healthy=1 / math.sqrt(cfg["out_dim"]), swa_models=int(swa_cnn.n_averaged),
-                         images_per_s=r.pop("steps") * cfg["batch_size"] / seconds)
+                         images_per_s=r.pop("steps") * cfg["batch_size"] / seconds, **saving)
                 if rt.rank == 0:
                     if mon is not None:
                         t0 = time.perf_counter()
                         r.update(monitor(dict(cnn=cnn, vit=vit), mon, rt), monitor_seconds=time.perf_counter() - t0)
+                    r.update(wait_written(out))  # the last epoch's last.pt, written beside this one: bytes, seconds
                     append_jsonl(r, out / "log.jsonl")
                     print(format_epoch(r, cfg))
-                    save_run(state, out, epoch + 1, cfg)
+                    saving = dict(checkpoint_seconds=save_run(state, out, epoch + 1, cfg))
         except KeyboardInterrupt:
             raise interrupted(out, epoch) from None
         # -- the result: the averaged encoders, BatchNorm statistics recomputed for the averaged CNN ---
+        t0 = time.perf_counter()
+        if swa_cnn.n_averaged > 0:  # every process takes its share of the images, as in training
+            bn = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"] + 1, rank=rt.rank, world=rt.world)
+            recompute_batchnorm(swa_cnn, make_loader(dataset, bn, cfg["batch_size"] // rt.world, cfg["workers"], rt),
+                                rt)
+            cnn, vit = swa_cnn.module, swa_vit.module
         if rt.rank == 0:
-            if swa_cnn.n_averaged > 0:
-                bn = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"] + 1)
-                recompute_batchnorm(swa_cnn, make_loader(dataset, bn, cfg["batch_size"], cfg["workers"], rt), rt)
-                cnn, vit = swa_cnn.module, swa_vit.module
             if mon is not None and start < cfg["epochs"]:  # the verdict is about the files written, not live weights
-                r = dict(epoch=cfg["epochs"], phase="saved", **monitor(dict(cnn=cnn, vit=vit), mon, rt))
+                r = dict(epoch=cfg["epochs"], phase="saved", batchnorm_seconds=time.perf_counter() - t0,
+                         **monitor(dict(cnn=cnn, vit=vit), mon, rt))
                 append_jsonl(r, out / "log.jsonl")
-                print(format_monitor(r, "saved encoders"))
+                print(format_monitor(r, "saved encoders") + f"  BatchNorm recomputed in {r['batchnorm_seconds']:.1f} s")
             for arm, model in (("cnn", cnn), ("vit", vit)):
                 kwargs = encoder_kwargs(cfg[arm], cfg["img_size"], cfg["patch_size"])
                 atomic_write(out / f"{arm}.pt", encoder_record(model, cfg[arm], kwargs, arm, cfg))
@@ -661,10 +699,15 @@ def pretrain(cfg):
 
 @torch.no_grad()
 def recompute_batchnorm(model, loader, rt):
-    """BatchNorm statistics of the (averaged) weights, from one pass over the training images."""
+    """BatchNorm statistics of the (averaged) weights from a pass over the training images (torchrun: each process's
+    share, then their mean; none waits on another)."""
     with rt.autocast():
-        torch.optim.swa_utils.update_bn((normalize(x.to(rt.device)) for x, _ in Progress(loader, "BatchNorm")), model,
-                                        device=rt.device)
+        views = (normalize(on_device(x, a, rt)) for x, _, *a in Progress(loader, "BatchNorm"))  # as it trained
+        torch.optim.swa_utils.update_bn(views, model, device=rt.device)
+    for m in (m for m in model.modules() if rt.world > 1 and isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        for stat in (m.running_mean, m.running_var):  # torchrun: each process took a share; the mean of them
+            dist.all_reduce(stat)
+            stat /= rt.world
 
 def wrap_ddp(model, rt, sync_bn=False):
     if rt.world == 1:
@@ -684,10 +727,16 @@ def format_monitor(m, head):
                                                              "knn_raw_pixels" in m else ")")
 
 def format_epoch(r, cfg):
+    """An epoch's lines: loss and collapse statistics; where the seconds went (the steps, the wait for data, the last
+    epoch's last.pt, the monitor) and so which side sets the pace."""
+    behind = r["data_seconds"] > r["seconds"] / 10
     line = (f"epoch {r['epoch']:3d}/{cfg['epochs']}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  spread cnn/vit "
             f"{r['std_cnn']:.4f}/{r['std_vit']:.4f} (healthy {r['std_healthy']:.4f})  cos {r['cos_cnn_vit']:.3f}  "
-            f"{r['images_per_s']:.1f} img/s, {r['seconds']:.1f} s, data wait {r['data_seconds'] / r['seconds']:.0%}"
-            + (": the CPU is behind (more --workers, --cache-images)" if r["data_seconds"] > r["seconds"] / 10 else ""))
+            f"{r['images_per_s']:.1f} img/s, {r['seconds']:.1f} s, data wait {r['data_seconds'] / r['seconds']:.0%}: " +
+            ("the CPU is behind (more --workers, --cache-images)" if behind else "the step sets the pace"))
+    if "last_pt_bytes" in r:  # the copy before this epoch; the write beside it
+        line += (f"; last.pt {r['last_pt_bytes'] / 1e6:.0f} MB, training waited {r['checkpoint_seconds']:.1f} s, "
+                 f"written in {r['last_pt_seconds']:.1f} s beside it")
     line += ("\n" + format_monitor(r, " " * 16) + f"  {r['monitor_seconds']:.1f} s") if "knn_cnn_feat" in r else ""
     return line + (f"\n  {warning}" if (warning := collapse_warning(r, cfg["out_dim"])) else "")
 
@@ -698,8 +747,8 @@ def finetune_epoch(model, loader, optimizer, scaler, weights, rt, cfg, prep, des
     model.train()
     total = torch.zeros(1, dtype=torch.float64, device=rt.device)
     bar = Progress(loader, desc)
-    for step, (x, y) in enumerate(bar, 1):
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+    for step, (x, y, *a) in enumerate(bar, 1):
+        x, y = on_device(x, a, rt), y.to(rt.device, non_blocking=True)  # augmented (B.2.1); linear mode's features not
         optimizer.zero_grad(set_to_none=True)
         with rt.autocast():
             logits = model(prep(x))  # [B, C]
@@ -794,7 +843,7 @@ def finetune(cfg):
                 "the data" if k else "s"))
     size = cfg["img_size"]
     cached = {s: decode_all(table, k, cfg) for s, k in keys.items()}
-    train_ds = ImageDataset(table, keys["train"], size, cass_augment(), cached["train"])  # paper B.2.1
+    train_ds = ImageDataset(table, keys["train"], size, True, cached["train"])  # paper B.2.1
     eval_ds = {s: ImageDataset(table, keys[s], size, cache=cached[s]) for s in ("val", "test")}
     w = class_weights(train_ds.targets.sum(0), cfg["class_weights"])
     weights = lambda y: term_weights(y, w, cfg["class_weights"], table.multilabel)  # noqa: E731
@@ -817,7 +866,7 @@ def finetune(cfg):
         # standardised with the training features' statistics (a collapsed encoder's features vary by 1e-3, and
         # one learning rate must suit every encoder); the standardisation is folded into the head at the end.
         plain = ImageDataset(table, keys["train"], size, cache=cached["train"])
-        feats = {s: encode(model, make_loader(d, None, cfg["batch_size"], cfg["workers"], rt), rt)
+        feats = {s: encode(dict(m=model), make_loader(d, None, cfg["batch_size"], cfg["workers"], rt), rt)["m"]
                  for s, d in (("train", plain), *eval_ds.items())}
         mean, std = feats["train"][0].mean(0), feats["train"][0].std(0).nan_to_num(1.0).clamp_min(1e-5)
         train_ds = ImageDataset(table, keys["train"], size, cache=(feats["train"][0] - mean) / std)  # [N, F]
@@ -907,7 +956,7 @@ def load_model(path, device="cpu"):
     image file (DICOM: with the run's --window) to the [1, 3, S, S] tensor it was trained on; and its class names."""
     path, obj = load_finetuned(path, "checkpoint")
     model, window = load_encoder(obj, path).to(device).eval(), obj["config"].get("window")
-    read = lambda img: read_image(img, window) if isinstance(img, (str, Path)) else img  # noqa: E731
+    read = lambda img: read_image(img, window, obj["img_size"]) if isinstance(img, (str, Path)) else img  # noqa: E731
     return model, lambda img: normalize(image_tensor(read(img), obj["img_size"])[None]).to(device), obj["classes"]
 
 def ensemble_probabilities(ckpts, table, keys, rt, workers, skip_bad=False):
@@ -1003,13 +1052,16 @@ def _rgb_uint8(img):
         return np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
     return np.asarray(img.convert("RGB"))  # RGBA, LA, P, CMYK, ...: PIL composites and converts
 
-def read_image(path, window=None):
-    """An image file as a PIL image: DICOM through read_dicom (with `window`), the picture formats through Pillow."""
+def read_image(path, window=None, size=None):
+    """An image file as a PIL image: DICOM by read_dicom (`window`), pictures by Pillow; a JPEG bound for `size` px at
+    the least of 1/2, 1/4, 1/8 scale still >= size (Pillow's draft: 2.2x faster, under a level off once resized)."""
     from PIL import Image
     try:
         if Path(path).suffix.lower() in DICOM_SUFFIXES:
             return read_dicom(path, window)
         with Image.open(path) as img:  # its file closed on the way out, a multi-frame one too
+            if size and img.format == "JPEG":
+                img.draft(img.mode, (size, size))
             img.load()
         return img
     except UserError:
@@ -1250,21 +1302,21 @@ def _ignore_signals(_worker):  # Ctrl-C and a scheduler's SIGTERM reach every pr
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 def make_loader(dataset, sampler, batch, workers, rt):
-    if getattr(dataset, "cache", None) is not None and getattr(dataset, "transform", None) is None:
-        workers = 0  # decoded already and nothing to augment: workers would only add start-up and copies
+    if getattr(dataset, "cache", None) is not None and not getattr(dataset, "augment", False):
+        workers = 0  # decoded already and nothing to draw: workers would only add start-up and copies
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=rt.device.type == "cuda", worker_init_fn=_ignore_signals if workers else None,
                       persistent_workers=bool(workers) and sampler is not None)  # training: no start-up per epoch
 
 def decode_all(table, keys, cfg):
-    """--cache-images: the images decoded and resized once, uint8 [N, 3, size, size], in a file under --cache-dir that
-    every later run, protocol cell and tool memory-maps (larger than memory works). Its name hashes what it was made of
-    (dataset, folder, keys, size, window, each file's size and time): a changed file is decoded again."""
+    """--cache-images: the images decoded once, uint8 [N, 3, size, size], in a file under --cache-dir that later runs
+    and tools memory-map (larger than RAM works), named by a hash of what it is made of: changed files decode anew."""
     if not cfg["cache_images"] or not keys:
         return None
     size, stamps = cfg["img_size"], [] if table.arrays is not None else [
         [(s := table.path(k).stat()).st_size, s.st_mtime_ns] for k in keys]  # one stat a file
-    made_of = [table.name, str(Path(table.image_dir).resolve()), table.suffix, size, table.window, keys, stamps]
+    made_of = [table.name, str(Path(table.image_dir).resolve()), table.suffix, size, table.window, keys, stamps,
+               "jpeg-draft"]  # how they were decoded: a cache from before is not taken for one of today's
     path = Path(cfg.get("cache_dir", "~/.cache/cass")).expanduser()  # a run from before --cache-dir: the default
     path /= f"{table.name}-{size}px-{hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:20]}.npy"
     if not path.is_file():  # two runs building one cache write a file each, and the last rename wins
@@ -1343,6 +1395,7 @@ def diverged(where):
     return UserError(f"the run diverged in {where} and stopped; start it again with a lower --lr (another --out)")
 
 _HELD = {}  # the locks this process holds: path -> the open file that holds the flock
+WRITER, WRITING = ThreadPoolExecutor(1), {}  # the thread that writes last.pt; run folder -> its write (save_run)
 def load_checkpoint(path, what="checkpoint", advice="give a file that cass.py wrote"):
     if not Path(path).is_file():
         raise UserError(f"{what} {path} does not exist")
@@ -1425,14 +1478,33 @@ def claim_run_folder(out, cfg, rt, splits, table, saved=None):
         write_json(cfg, out / "args.json")
         yield
     finally:
-        release(lock)
+        try:
+            wait_written(out)  # last.pt whole before another run can take the folder
+        finally:
+            release(lock)
 
 def save_run(state, out, epoch, cfg, **extra):
-    """last.pt after every epoch: the state_dicts (SWA's once it averages), random state, epochs, config, log length."""
-    lines = sum(1 for _ in open(out / "log.jsonl")) if (out / "log.jsonl").exists() else 0
-    atomic_write(out / "last.pt", dict(format="cass-run", epoch=epoch, config=cfg, rng=torch.get_rng_state(), **extra,
-                                       log_lines=lines, **{k: v.state_dict() for k, v in state.items() if
-                                                           getattr(v, "n_averaged", 1)}))
+    """last.pt after every epoch (state_dicts, SWA's once it averages; random state, config, log length). Training waits
+    for a CPU copy (returns its seconds); a thread writes it while the next epoch trains (wait_written awaits it)."""
+    wait_written(out)
+    t0, lines = time.perf_counter(), sum(1 for _ in open(out / "log.jsonl")) if (out / "log.jsonl").exists() else 0
+    obj = cpu_copy(dict(format="cass-run", epoch=epoch, config=cfg, rng=torch.get_rng_state(), **extra, log_lines=lines,
+                        **{k: v.state_dict() for k, v in state.items() if getattr(v, "n_averaged", 1)}))
+    WRITING[Path(out)] = WRITER.submit(lambda t=time.perf_counter(): atomic_write(out / "last.pt", obj) or dict(
+        last_pt_bytes=(out / "last.pt").stat().st_size, last_pt_seconds=time.perf_counter() - t))
+    return time.perf_counter() - t0
+
+def wait_written(out):
+    """Waits for the write of out/last.pt and raises its error; returns its bytes and seconds ({}: none pending)."""
+    future = WRITING.pop(Path(out), None)
+    return future.result() if future else {}
+
+def cpu_copy(obj):
+    """A copy of nested state on the CPU (tensors cloned: training goes on changing the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    return {k: cpu_copy(v) for k, v in obj.items()} if isinstance(obj, dict) else type(obj)(map(cpu_copy, obj)) \
+        if isinstance(obj, (list, tuple)) else obj
 
 def restore(state, out):
     """An interrupted run's state from last.pt, read without touching the folder; returns what last.pt holds."""
@@ -1444,12 +1516,14 @@ def restore(state, out):
 
 def interrupted(out, epoch):
     """What to do after Ctrl-C or SIGTERM, from what the run folder holds (a folder may hold several passes)."""
+    wait_written(out)  # last.pt of the finished epochs, whole
     return KeyboardInterrupt(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds the finished epochs: "
                              "continue with the same command plus --resume" if (out / "last.pt").is_file() else
                              "no epoch had finished: run the same command again"))
 
 def finish_run(out, cfg, message):
     """last.pt only serves resuming (268 MB at the tiny preset, ~2 GB at the paper's): it goes unless --keep-last."""
+    wait_written(out)
     if not cfg["keep_last"]:
         (out / "last.pt").unlink(missing_ok=True)
     print(message.rstrip())

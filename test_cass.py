@@ -287,7 +287,8 @@ def test_a_pretraining_step_synchronises_only_to_read_its_statistics():
     cnn, vit = (m.cuda() for m in small_pair())
     rt = cass.Runtime(torch.device("cuda"))
     optimizer = cass.make_adam([*cnn.parameters(), *vit.parameters()], 1e-3)
-    batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8).pin_memory(), None)] * 20
+    params = torch.from_numpy(np.stack([cass.augment_params(i, 32) for i in range(8)]))  # augmented on the device
+    batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8).pin_memory(), None, params.pin_memory())] * 20
     cfg = {**STEP_CFG, "epochs": 1}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -314,6 +315,54 @@ def test_the_epoch_line_and_the_log_say_how_long_the_step_waited_for_the_cpu_sid
     assert code == 0 and "the CPU is behind" in out, out
     line = [x for x in read_log(tmp_path / "r" / "log.jsonl") if x.get("epoch") == 1 and "loss" in x][0]
     assert 0.05 * 8 * 2 <= line["data_seconds"] <= line["seconds"] and line["monitor_seconds"] > 0
+    code, out = cli([*PRETRAIN, "--data", "folder", "--root", root, "--splits", "auto", "--epochs", "2", "--out",
+                     tmp_path / "r2"], capsys)
+    second = [x for x in read_log(tmp_path / "r2" / "log.jsonl") if x.get("epoch") == 2 and "loss" in x][0]
+    assert second["last_pt_bytes"] > 1e6 and second["last_pt_seconds"] > 0 and second["checkpoint_seconds"] > 0
+    assert "training waited" in out and "BatchNorm recomputed in" in out, out
+
+
+def test_last_pt_is_written_beside_training_from_a_copy_taken_when_it_was_saved(tmp_path, monkeypatch):
+    model, out, go, real = torch.nn.Linear(3, 2), tmp_path / "run", __import__("threading").Event(), torch.save
+    out.mkdir()
+    monkeypatch.setattr(cass.torch, "save", lambda obj, f: go.wait(30) and real(obj, f))  # a slow disk
+    before = model.weight.detach().clone()
+    assert cass.save_run(dict(model=model), out, 1, {}) < 5  # training goes on before the write ends
+    with torch.no_grad():
+        model.weight += 1  # the next epoch changes the weights while last.pt is written
+    assert not (out / "last.pt").exists()
+    go.set()
+    written = cass.wait_written(out)
+    assert written["last_pt_bytes"] == (out / "last.pt").stat().st_size and cass.wait_written(out) == {}
+    assert torch.equal(torch.load(out / "last.pt")["model"]["weight"], before)
+
+
+def test_a_failed_background_write_stops_the_run_at_the_next_save_and_keeps_the_last_pt_before(tmp_path, monkeypatch):
+    model, out, real = torch.nn.Linear(3, 2), tmp_path / "run", torch.save
+    out.mkdir()
+    cass.save_run(dict(model=model), out, 1, {})
+    cass.wait_written(out)
+    def full(obj, f):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(cass.torch, "save", full)
+    cass.save_run(dict(model=model), out, 2, {})
+    with pytest.raises(cass.UserError, match="cannot write .*last.pt"):
+        cass.save_run(dict(model=model), out, 3, {})
+    monkeypatch.setattr(cass.torch, "save", real)
+    assert torch.load(out / "last.pt")["epoch"] == 1 and not list(out.glob(".*tmp*"))
+
+
+def test_encoding_several_models_reads_each_batch_once_and_gives_what_each_alone_gives():
+    cnn, vit = small_pair()
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    reads = []
+    loader = type("Loader", (), {"__iter__": lambda self: (reads.append(1) or b for b in [(x[:4], x[:4, 0, 0]),
+                                                                                        (x[4:], x[4:, 0, 0])])})()
+    both = cass.encode(dict(cnn=cnn, vit=vit), loader, CPU)
+    assert len(reads) == 2 and cnn.training and vit.training  # one pass; training mode restored
+    for arm, model in (("cnn", cnn), ("vit", vit)):
+        alone = cass.encode({arm: model}, loader, CPU)[arm]
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(both[arm], alone))
 
 
 def test_the_monitor_decodes_its_images_once_a_run_not_once_an_epoch(tmp_path, monkeypatch):
@@ -395,9 +444,9 @@ def test_every_data_layout_loads_and_yields_three_channel_images(layout, tmp_pat
     assert len(table.classes) == n_classes and table.multilabel == multilabel
     splits = cass.make_splits(table, seed=0)
     assert splits["train"] and splits["val"] and splits["test"]
-    ds = cass.ImageDataset(table, splits["train"][:3], 32, cass.cass_augment())
-    x, y = ds[(0, 123)]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y.shape == (n_classes,)
+    ds = cass.ImageDataset(table, splits["train"][:3], 32, augment=True)
+    x, y, a = ds[(0, 123)]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y.shape == (n_classes,) and a.shape == (15,)
 
 
 def test_csv_without_labels_is_usable_for_pretraining(tmp_path):
@@ -1356,6 +1405,11 @@ for epoch in range(2):
     sampler.set_epoch(epoch)
     cass.pretrain_epoch(ddp_cnn, ddp_vit, loader, optimizer, rt.scaler(), scheduler, rt, cfg, epoch)
 torch.save(weights(), sys.argv[1] + f"/rank{{rt.rank}}.pt")
+torch.manual_seed(2)
+bn_model = cass.create_encoder("resnet10t", 4, {{}})  # BatchNorm's statistics recomputed on each process's share
+bn_sampler = cass.EpochSampler(32, 8, 1, rank=rt.rank, world=rt.world)
+cass.recompute_batchnorm(bn_model, cass.make_loader(dataset, bn_sampler, 4, 0, rt), rt)  # one process: both shares
+torch.save({{k: v for k, v in bn_model.state_dict().items() if "running" in k}}, sys.argv[1] + f"/bn{{rt.rank}}.pt")
 """
 
 
@@ -1389,6 +1443,9 @@ def test_ddp_ranks_hold_identical_weights_equal_to_one_process_on_the_same_globa
     # differences of up to ~lr in single weights; the update as a whole agrees).
     single, init = torch.load(tmp_path / "one" / "rank0.pt"), torch.load(tmp_path / "one" / "init.pt")
     assert _relative_update_difference(r0, single, init) < 1e-3
+    bn0, bn1, bn = (torch.load(tmp_path / d / f"bn{r}.pt") for d, r in (("two", 0), ("two", 1), ("one", 0)))
+    assert all(torch.equal(bn0[k], bn1[k]) for k in bn0)  # update_bn: every process's share, then their mean
+    assert all(torch.allclose(bn0[k], bn[k], rtol=1e-4, atol=1e-6) for k in bn0)  # = one process over both shares
 
 
 def test_torchrun_pretrain_matches_a_single_process_run_and_finetune_says_it_runs_in_one(tmp_path):
@@ -1489,13 +1546,81 @@ def test_auto_precision_takes_bf16_only_from_compute_capability_8(monkeypatch):
         assert cass.make_runtime("auto", "auto").amp_dtype == dtype, capability
 
 
-def test_augmenting_an_image_reseeds_no_cuda_generator(tmp_path, monkeypatch):
-    table = cass.load_table("folder", write_folder(tmp_path / "d", n=2))
-    calls = []
-    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
-    ds = cass.ImageDataset(table, table.keys, 32, cass.cass_augment())
-    a, b = ds[(0, 7)][0], ds[(0, 7)][0]
-    assert torch.equal(a, b) and calls == []  # the same seed, the same view; CUDA's generators left alone
+def smooth_image(size=64, seed=0):
+    """uint8 [3, size, size]: a few smooth blobs, so resampling errors are those of interpolation, not of aliasing."""
+    g = np.linspace(0, 1, size)
+    y, x = np.meshgrid(g, g, indexing="ij")
+    rng = np.random.default_rng(seed)
+    img = [sum(np.cos(rng.uniform(2, 6) * x + rng.uniform(0, 6)) * np.sin(rng.uniform(2, 6) * y) for _ in range(3))
+           for _ in range(3)]
+    return torch.from_numpy(np.clip(128 + 40 * np.stack(img), 0, 255).astype(np.uint8))
+
+
+def _params(size, inwards=None, angle=0.0, vflip=False, hflip=False, factors=(1, 1, 1), order=(0, 1, 2)):
+    m = cass.warp_matrix(size, None if inwards is None else np.array(inwards), angle, vflip, hflip)
+    return torch.tensor(np.concatenate([m.ravel(), factors, order]), dtype=torch.float32)[None]
+
+
+def test_augmenting_on_the_device_gives_what_torchvision_gives_for_the_same_draws():
+    from torchvision.transforms import InterpolationMode as I
+    from torchvision.transforms.v2 import functional as TF
+    size, img = 64, smooth_image()
+    x, inner = img.float(), (slice(None), slice(8, -8), slice(8, -8))  # borders: torchvision resamples twice
+    aug = lambda **kw: cass.augment(img[None], _params(size, **kw))[0]  # noqa: E731
+    assert torch.equal(aug(), x)  # a plain image passes exactly
+    assert torch.equal(aug(hflip=True), TF.horizontal_flip(x)) and torch.equal(aug(vflip=True), TF.vertical_flip(x))
+    turn = lambda y, a: TF.affine(y, a, [0, 0], 1.0, [0.0, 0.0], I.BILINEAR)  # noqa: E731 (RandomAffine's call)
+    assert (aug(angle=7.3) - turn(x, 7.3))[inner].abs().max() < 0.5  # of 255 levels
+    corners = [[3, 1], [0, 6], [5, 2], [4, 4]]  # tl, tr, br, bl moved inwards (x, y)
+    start = [[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]]
+    end = [[sx + dx * ix, sy + dy * iy] for (sx, sy), (ix, iy), (dx, dy) in
+           zip(start, corners, [(1, 1), (-1, 1), (-1, -1), (1, -1)])]
+    assert (aug(inwards=corners) - TF.perspective(x, start, end, I.BILINEAR))[inner].abs().max() < 0.5
+    both = TF.horizontal_flip(TF.vertical_flip(turn(TF.perspective(x, start, end, I.BILINEAR), -4.0)))
+    err = (aug(inwards=corners, angle=-4.0, vflip=True, hflip=True) - both)[inner].abs()
+    assert err.mean() < 0.5 and err.max() < 3  # one warp against two resamplings
+    factors, order = (1.15, 0.85, 1.1), (2, 0, 1)  # saturation, then brightness, then contrast
+    y = x / 255
+    for k in order:
+        y = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation][k](y, factors[k])
+    assert (aug(factors=factors, order=order) - 255 * y).abs().max() < 1e-3
+
+
+def test_each_augmentation_is_drawn_from_the_image_seed_as_often_as_the_paper_says():
+    draws = np.stack([cass.augment_params(seed, 64) for seed in range(4000)])
+    m, jitter = draws[:, :9].reshape(-1, 3, 3), (draws[:, 9:12] != 1).any(1)
+    perspective, turned = np.abs(m[:, 2, :2]).sum(1) > 1e-9, np.abs(m[:, 0, 1]) > 1e-9
+    plain = ~perspective & ~turned  # flips alone: the diagonal's signs
+    se = lambda p: 4 * math.sqrt(p * (1 - p) / len(draws))  # noqa: E731
+    assert abs(jitter.mean() - 0.15) < se(0.15) and abs(perspective.mean() - 0.15) < se(0.15)
+    assert not (jitter & perspective).any()  # ColorJitter *or* RandomPerspective
+    assert abs((turned & ~perspective).mean() - 0.85 * 0.3) < se(0.3)
+    assert abs((m[plain, 0, 0] < 0).mean() - 0.3) < 0.05 and abs((m[plain, 1, 1] < 0).mean() - 0.3) < 0.05
+    assert np.array_equal(cass.augment_params(7, 64), cass.augment_params(7, 64))
+    assert not np.array_equal(cass.augment_params(7, 64), cass.augment_params(8, 64))
+
+
+def test_a_batch_is_the_same_whatever_the_number_of_workers(tmp_path):
+    table = cass.load_table("folder", write_folder(tmp_path / "d", n=4))
+    ds, rt = cass.ImageDataset(table, table.keys, 32, augment=True), cass.make_runtime("cpu", "fp32")
+    batches = [list(cass.make_loader(ds, cass.EpochSampler(len(ds), 4, 3), 4, w, rt)) for w in (0, 2)]
+    for (x0, y0, a0), (x1, y1, a1) in zip(*batches):
+        assert torch.equal(cass.augment(x0, a0), cass.augment(x1, a1)) and torch.equal(y0, y1)
+
+
+def test_a_large_jpeg_decoded_at_a_reduced_scale_stays_within_a_level_of_the_full_decode(tmp_path):
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:800, 0:1024] / 1024  # a 1024 x 800 photograph: smooth shapes and sensor noise
+    img = np.stack([128 + 60 * np.sin(7 * x + c) * np.cos(5 * y - c) + rng.normal(0, 8, x.shape) for c in range(3)], -1)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    for size, scale in ((384, 2), (64, 8)):  # the largest of 1/2, 1/4, 1/8 that keeps both sides >= size
+        with Image.open(tmp_path / "big.jpg") as im:
+            assert im.draft("RGB", (size, size))[1] == (0, 0, 1024 // scale, 800 // scale)
+        full = cass.image_tensor(cass.read_image(tmp_path / "big.jpg"), size).float()
+        drafted = cass.decode_image(cass.Table("t", [], False, {}, ["big"], image_dir=str(tmp_path), suffix=".jpg"),
+                                    "big", size).float()
+        assert (full - drafted).abs().mean() < 1 and (full - drafted).abs().max() <= 8  # of 255 levels
+        assert not torch.equal(full, drafted)  # the reduced decode was taken
 
 
 def test_a_finetuned_head_is_fresh_even_when_as_wide_as_the_pretraining_head(tmp_path):
@@ -1928,10 +2053,10 @@ def _nan_loss(m):  # pretraining's loss becomes NaN in the second epoch (two ste
 def _nan_outputs(m):  # the monitor's outputs become NaN after the first epoch; the monitor itself does not raise
     real, calls = cass.encode, []
 
-    def encode(model, loader, rt):
-        f, o, y = real(model, loader, rt)
-        calls.append(1)
-        return (f, o * math.nan, y) if len(calls) > 2 else (f, o, y)  # 2 calls: the init rows of the first arm
+    def encode(models, loader, rt):
+        got = real(models, loader, rt)
+        calls.append(1)  # the second call: the queries of the init rows (both arms)
+        return {a: (f, o * math.nan, y) for a, (f, o, y) in got.items()} if len(calls) > 1 else got
     m.setattr(cass, "encode", encode)
     return RUN_ARGS["pretrain"], "epoch 0"
 

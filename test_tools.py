@@ -161,11 +161,21 @@ def test_bench_times_last_pt_before_and_after_swa_start_and_times_decoding(tmp_p
     assert bench.main([*TINY, "--out-dim", "16", "--checkpoint"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < r["checkpoint_bytes_before_swa"] < r["checkpoint_bytes_after_swa"]
-    assert r["checkpoint_seconds_before_swa"] > 0 and r["checkpoint_seconds_after_swa"] > 0
+    assert r["checkpoint_seconds_before_swa"] > 0 and r["write_seconds_after_swa"] > 0
     write_folder(tmp_path / "d", ("a",), 1)
     assert bench.main([*TINY, "--decode", tmp_path / "d" / "a" / "a_0.png"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["img_size"] == 32 and list(r["decode_seconds"].values())[0] > 0
+
+
+def test_bench_pipeline_times_the_cache_the_loader_and_the_device_augmentation_without_a_step(tmp_path, capsys):
+    root = write_folder(tmp_path / "d", ("a", "b"), 8)
+    args = [*TINY, "--pipeline", "--data", "folder", "--root", root, "--splits", "auto", "--batch-size", "4"]
+    assert bench.main([*args, "--cache-images", "--cache-dir", tmp_path / "c"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["cache_images_per_s"] > 0 and r["data_images_per_s"] > 0 and r["augment_seconds_per_batch"] > 0, out
+    assert "speed-up" not in out and list((tmp_path / "c").glob("*.npy"))  # no step timed; the cache kept
 
 
 def test_bench_refuses_to_compare_a_compiled_or_checkpointed_cass_step_with_dino(capsys):

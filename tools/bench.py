@@ -8,6 +8,7 @@ matrix-product peak, the largest batch that fits a GPU (--max-batch) and, given 
     python tools/bench.py --preset tiny --dino --data isic2019 --root DIR    # the paper's Table 2
     python tools/bench.py --decode slice.dcm slice.jpg --img-size 384       # decoding one file, DICOM or picture
     python tools/bench.py --checkpoint --device cpu                         # last.pt at the paper's encoders
+    python tools/bench.py --pipeline --data brain_mri --root DIR --img-size 384 --batch-size 16 --cache-images
 
 --dino (the paper's Table 2) also times one DINO step of each arm (tools/dino.py: vit_pytorch.Dino, same
 encoders, batch, precision and device) and gives the ratio CASS / (DINO CNN + DINO ViT): DINO trains one
@@ -48,6 +49,8 @@ def build_parser():
     p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest batch that fits")
     p.add_argument("--decode", nargs="+", metavar="FILE", help="only time decoding each file and resizing it to "
                    "--img-size, as every reader of cass.py does (DICOM with --window, else the file's own)")
+    p.add_argument("--pipeline", action="store_true", help="with --data: only the CPU side, no step: the cache's build "
+                   "rate, the loader's rate and the device augmentation's cost (any settings, the paper's on a CPU)")
     p.add_argument("--checkpoint", action="store_true", help="only time writing last.pt as pretraining writes it "
                    "(both encoders, Adam's moments, SWA's averages once they exist): bytes and seconds")
     p.add_argument("--dino", action="store_true", help="also time DINO on each arm, steps and whole epochs (Table 2)")
@@ -186,20 +189,40 @@ def largest_batch(cfg, rt, limit=4096):
 
 
 def data_images_per_s(cfg, rt):
-    """Images/s of the data pipeline alone: decode, resize, augment, collate, with the workers."""
+    """Images/s the loader delivers (decode or --cache-images, each image's augmentation drawn, collation, with the
+    workers), and the median seconds of cass.augment on one of its batches on the device: (rate, seconds)."""
     table = cass.load_table(cfg["data"], cfg["root"], cfg.get("window"))
     splits, _ = cass.load_splits(cfg, table)
     keys = splits["train"]
     cache = cass.decode_all(table, keys, cfg)
-    dataset = cass.ImageDataset(table, keys, cfg["img_size"], cass.cass_augment(), cache)
+    dataset = cass.ImageDataset(table, keys, cfg["img_size"], True, cache)
     sampler = cass.EpochSampler(len(dataset), cfg["batch_size"], 0)
-    it = iter(torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler,
-                                          num_workers=cfg["workers"]))
-    next(it)  # worker start-up is not the steady state
+    it = iter(cass.make_loader(dataset, sampler, cfg["batch_size"], cfg["workers"], rt))  # pretraining's loader
+    x, _, a = next(it)  # worker start-up is not the steady state
     t0, n = time.perf_counter(), 0
     for _ in range(min(sampler.steps(), max(cfg["steps"] * 4, 10)) - 1):
         n += len(next(it)[0])
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    x = x.to(rt.device)
+    return rate, median_seconds(lambda: cass.augment(x, a), 1, cfg["steps"], rt.device)
+
+
+def pipeline(cfg, rt):
+    """The CPU side alone: images/s of building the --cache-images file (decoding every training image, where it
+    does not exist yet), then of the loader with the workers, and the device augmentation's seconds per batch."""
+    table = cass.load_table(cfg["data"], cfg["root"], cfg.get("window"))
+    keys = cass.load_splits(cfg, table)[0]["train"]
+    r = {}
+    if cfg["cache_images"]:
+        t0 = time.perf_counter()
+        cass.decode_all(table, keys, cfg)
+        r["cache_images_per_s"] = len(keys) / (time.perf_counter() - t0)  # read back at once where it existed
+    r["data_images_per_s"], r["augment_seconds_per_batch"] = data_images_per_s(cfg, rt)
+    print(f"{len(keys)} training images at {cfg['img_size']} px, batch {cfg['batch_size']}, {cfg['workers']} workers:"
+          + (f" cache built (or read) at {r['cache_images_per_s']:.0f} img/s;" if "cache_images_per_s" in r else "")
+          + f" the loader delivers {r['data_images_per_s']:.0f} img/s{' from the cache' if cfg['cache_images'] else ''}"
+          f"; augmenting a batch on the {rt.device.type}: {r['augment_seconds_per_batch'] * 1e3:.1f} ms")
+    return r
 
 
 def decode_seconds(files, size, window, repeats=30):
@@ -209,7 +232,7 @@ def decode_seconds(files, size, window, repeats=30):
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            cass.image_tensor(cass.read_image(file, window), size)
+            cass.image_tensor(cass.read_image(file, window, size), size)
             times.append(time.perf_counter() - t0)
         seconds[str(file)] = float(np.median(times))
         print(f"{file}: {seconds[str(file)] * 1e3:.2f} ms to decode and resize to {size} px (median of {repeats})")
@@ -227,7 +250,7 @@ def epoch_split(cfg, rt):
         raise cass.UserError(f"the training split has {len(keys)} images, fewer than one batch of {cfg['batch_size']}; "
                              "lower --batch-size")
     keys = keys[:steps * cfg["batch_size"]]
-    dataset = cass.ImageDataset(table, keys, cfg["img_size"], cass.cass_augment(), cass.decode_all(table, keys, cfg))
+    dataset = cass.ImageDataset(table, keys, cfg["img_size"], True, cass.decode_all(table, keys, cfg))
     sampler = cass.EpochSampler(len(dataset), cfg["batch_size"], 0)
     loader = cass.make_loader(dataset, sampler, cfg["batch_size"], cfg["workers"], rt)
     torch.manual_seed(0)
@@ -261,12 +284,13 @@ def checkpoint_cost(cfg, rt):
             if when == "after_swa":
                 swa["swa_cnn"].update_parameters(cnn)
                 swa["swa_vit"].update_parameters(vit)
-            t0 = time.perf_counter()
-            cass.save_run(state, Path(folder), 1, cfg)
-            r[f"checkpoint_seconds_{when}"] = time.perf_counter() - t0
-            r[f"checkpoint_bytes_{when}"] = (Path(folder) / "last.pt").stat().st_size
-            print(f"last.pt {when.replace('_', ' ')}: {r[f'checkpoint_bytes_{when}'] / 1e9:.2f} GB in "
-                  f"{r[f'checkpoint_seconds_{when}']:.1f} s (written whole, fsync'd, renamed)")
+            r[f"checkpoint_seconds_{when}"] = cass.save_run(state, Path(folder), 1, cfg)  # training's wait: a copy
+            written = cass.wait_written(Path(folder))  # the write beside training
+            r[f"checkpoint_bytes_{when}"] = written["last_pt_bytes"]
+            r[f"write_seconds_{when}"] = written["last_pt_seconds"]
+            print(f"last.pt {when.replace('_', ' ')}: {r[f'checkpoint_bytes_{when}'] / 1e9:.2f} GB; training waits "
+                  f"{r[f'checkpoint_seconds_{when}']:.1f} s for its copy on the CPU, a thread writes it in "
+                  f"{r[f'write_seconds_{when}']:.1f} s (whole, fsync'd, renamed) while the next epoch trains")
     return r
 
 
@@ -275,6 +299,14 @@ def bench(cfg):
         rt = cass.make_runtime(cfg["device"], cfg["precision"])
         print(f"checkpoint: {cfg['cnn']} + {cfg['vit']}, {cfg['img_size']} px, on {rt.device.type}")
         r = checkpoint_cost(cfg, rt)
+        print(json.dumps(r))
+        return r
+    if cfg["pipeline"]:
+        if not (cfg["root"] or cfg["data"] == "digits"):
+            raise cass.UserError("--pipeline times a dataset's loader: give --data and --root")
+        rt = cass.make_runtime(cfg["device"], cfg["precision"])
+        r = dict(data=cfg["data"], img_size=cfg["img_size"], batch_size=cfg["batch_size"], workers=cfg["workers"])
+        r.update(pipeline(cfg, rt))
         print(json.dumps(r))
         return r
     if cfg["decode"]:
@@ -330,12 +362,14 @@ def bench(cfg):
         print(f"one epoch of {cfg['data']} with data loading: CASS {cass_e:.1f} s, DINO CNN {cnn_e:.1f} s + ViT "
               f"{vit_e:.1f} s; ratio {r['cass_over_dino_epoch']:.2f}")
     if cfg["root"] or cfg["data"] == "digits":
-        r["data_images_per_s"] = data_images_per_s(cfg, rt)
+        r["data_images_per_s"], r["augment_seconds_per_batch"] = data_images_per_s(cfg, rt)
         seconds, waited, steps = epoch_split(cfg, rt)
         r.update(loader_steps=steps, loader_seconds=seconds, loader_wait_seconds=waited,
                  bottleneck="data" if waited > 0.1 * seconds else "step")
         print(f"data pipeline ({cfg['workers']} workers{', cached' if cfg['cache_images'] else ''}): "
-              f"{r['data_images_per_s']:.1f} img/s alone; {steps} steps of pretraining through it: {seconds:.2f} s, "
+              f"{r['data_images_per_s']:.1f} img/s alone; augmenting a batch on the {rt.device.type} "
+              f"{r['augment_seconds_per_batch'] * 1e3:.1f} ms; {steps} steps of pretraining through it: "
+              f"{seconds:.2f} s, "
               f"{waited:.2f} s ({waited / seconds:.0%}) waiting for data: the bottleneck is the {r['bottleneck']}")
     print(json.dumps(r))
     return r
@@ -344,7 +378,7 @@ def bench(cfg):
 def main(argv=None):
     args = vars(build_parser().parse_args([str(a) for a in argv] if argv is not None else None))
     extra = {k: args.pop(k) for k in ("steps", "warmup", "grad_checkpointing", "max_batch", "dino", "prototypes",
-                                      "decode", "checkpoint")}
+                                      "decode", "checkpoint", "pipeline")}
     given = {k: v for k, v in args.items() if v is not None}  # False: a given --no-...
     return cass.run_command(lambda: bench({**cass.resolve("pretrain", given), **extra}), "interrupted")
 

@@ -289,7 +289,7 @@ def figure_views(images, size, windows):
     fig, axes = plt.subplots(len(files), len(windows), figsize=(2.7 * len(windows), 3.1 * len(files)), squeeze=False)
     for row, file in zip(axes, files):
         for ax, window in zip(row, windows):
-            view = cass.image_tensor(cass.read_image(file, window), size)  # uint8 [3, S, S]
+            view = cass.image_tensor(cass.read_image(file, window, size), size)  # uint8 [3, S, S]
             ax.imshow(view.permute(1, 2, 0).numpy())
             ax.set_axis_off()
             ax.set_title(f"{file.name}\n" + ("its own window" if window is None else f"window {window[0]:g},"

@@ -679,8 +679,7 @@ def pretrain(cfg):
         t0 = time.perf_counter()
         if swa_cnn.n_averaged > 0:  # every process takes its share of the images, as in training
             bn = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"] + 1, rank=rt.rank, world=rt.world)
-            recompute_batchnorm(swa_cnn, make_loader(dataset, bn, cfg["batch_size"] // rt.world, cfg["workers"], rt),
-                                rt)
+            recompute_batchnorm(swa_cnn, make_loader(dataset, bn, bn.batch // bn.world, cfg["workers"], rt), rt)
             cnn, vit = swa_cnn.module, swa_vit.module
         if rt.rank == 0:
             if mon is not None and start < cfg["epochs"]:  # the verdict is about the files written, not live weights
@@ -704,10 +703,9 @@ def recompute_batchnorm(model, loader, rt):
     with rt.autocast():
         views = (normalize(on_device(x, a, rt)) for x, _, *a in Progress(loader, "BatchNorm"))  # as it trained
         torch.optim.swa_utils.update_bn(views, model, device=rt.device)
-    for m in (m for m in model.modules() if rt.world > 1 and isinstance(m, nn.modules.batchnorm._BatchNorm)):
-        for stat in (m.running_mean, m.running_var):  # torchrun: each process took a share; the mean of them
-            dist.all_reduce(stat)
-            stat /= rt.world
+    for stat in (s for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and rt.world > 1
+                 for s in (m.running_mean, m.running_var)):  # torchrun: each process took a share; their mean
+        dist.all_reduce(stat.div_(rt.world))
 
 def wrap_ddp(model, rt, sync_bn=False):
     if rt.world == 1:
@@ -1496,8 +1494,10 @@ def save_run(state, out, epoch, cfg, **extra):
 
 def wait_written(out):
     """Waits for the write of out/last.pt and raises its error; returns its bytes and seconds ({}: none pending)."""
-    future = WRITING.pop(Path(out), None)
-    return future.result() if future else {}
+    future = WRITING.get(Path(out))
+    result = future.result() if future else {}  # interrupted here (a second signal), it is awaited again later
+    WRITING.pop(Path(out), None)
+    return result
 
 def cpu_copy(obj):
     """A copy of nested state on the CPU (tensors cloned: training goes on changing the originals)."""
@@ -1589,8 +1589,7 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict; def
     "vc_weight": ("p", 4.0, "cass-vc: weight of the variance terms against eq. 1 (covariance: 0.04); 4 kept both "
                   "arms spread in the README's runs, 1 (VICReg's ratio) just under half of healthy", {}),
     "init": ("f", None, "a pretraining run folder (with --arm), its cnn.pt or vit.pt, imagenet, random, or random-bn "
-             "(random with BatchNorm statistics re-estimated on the training images: the control) (default: none; "
-             "one is needed)", {}),
+             "(random, BatchNorm statistics re-estimated on the training images: the control) (needed)", {}),
     "arm": ("f", None, "cnn or vit: the encoder to fine-tune (needed with a run folder; default for baselines: cnn)",
             dict(choices=["cnn", "vit"])),
     "label_fraction": ("f", 1.0, "share of the training labels (paper 5): the split train.csv, train_10pct.csv or "

@@ -1589,7 +1589,8 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict; def
     "vc_weight": ("p", 4.0, "cass-vc: weight of the variance terms against eq. 1 (covariance: 0.04); 4 kept both "
                   "arms spread in the README's runs, 1 (VICReg's ratio) just under half of healthy", {}),
     "init": ("f", None, "a pretraining run folder (with --arm), its cnn.pt or vit.pt, imagenet, random, or random-bn "
-             "(random, BatchNorm statistics re-estimated on the training images: the control) (needed)", {}),
+             "(random with BatchNorm statistics re-estimated on the training images: the control) (default: none; "
+             "one is needed)", {}),
     "arm": ("f", None, "cnn or vit: the encoder to fine-tune (needed with a run folder; default for baselines: cnn)",
             dict(choices=["cnn", "vit"])),
     "label_fraction": ("f", 1.0, "share of the training labels (paper 5): the split train.csv, train_10pct.csv or "

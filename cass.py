@@ -503,11 +503,13 @@ def encode(models, loader, rt):
     unaugmented, in eval mode, in one pass over the loader."""
     models, got, ys = {a: unwrap(m) for a, m in models.items()}, {a: [] for a in models}, []
     was = {a: m.training for a, m in models.items()}
+    for m in models.values():
+        m.eval()
     for x, y in loader:
         x, ys = normalize(x.to(rt.device)), ys + [y]
         for a, m in models.items():
             with rt.autocast():
-                f = m.eval().forward_head(m.forward_features(x), pre_logits=True)  # [B, F]
+                f = m.forward_head(m.forward_features(x), pre_logits=True)  # [B, F]
                 got[a].append((f.float().cpu(), m.get_classifier()(f).float().cpu()))  # and [B, D]
     for a, m in models.items():
         m.train(was[a])

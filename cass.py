@@ -643,7 +643,7 @@ def pretrain(cfg):
     if cfg["compile"]:
         train_cnn, train_vit = torch.compile(train_cnn), torch.compile(train_vit)
 
-    with claim_run_folder(out, cfg, rt, splits, table, saved):
+    with claim_run_folder(out, cfg, rt, splits, table, saved) as run:
         if rt.rank == 0:
             print(f"CASS pretraining ({cfg['objective']}): {cfg['cnn']} + {cfg['vit']}"
                   f"{' with patch %s' % cfg['patch_size'] if cfg['patch_size'] else ''}, {len(train)} images at "
@@ -654,29 +654,26 @@ def pretrain(cfg):
             append_jsonl(dict(epoch=0, phase="init", **m), out / "log.jsonl")
             print(format_monitor(m, "epoch   0 (init)"))
         # -- the loop: an epoch, SWA, the monitor, one log line and last.pt -------------------------
-        epoch, saving = start, {}  # saving: the last epoch's last.pt, the seconds training waited for its copy
-        try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
-            for epoch in range(start, cfg["epochs"]):
-                sampler.set_epoch(epoch)
-                t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
-                r = pretrain_epoch(train_cnn, train_vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch)
-                seconds = time.perf_counter() - t0
-                if epoch >= cfg["swa_start"]:  # SWA: the average of the weights at the end of each epoch
-                    swa_cnn.update_parameters(cnn)
-                    swa_vit.update_parameters(vit)
-                r = dict(epoch=epoch + 1, **r, lr=lr, seconds=seconds,
-                         std_healthy=1 / math.sqrt(cfg["out_dim"]), swa_models=int(swa_cnn.n_averaged),
-                         images_per_s=r.pop("steps") * cfg["batch_size"] / seconds, **saving)
-                if rt.rank == 0:
-                    if mon is not None:
-                        t0 = time.perf_counter()
-                        r.update(monitor(dict(cnn=cnn, vit=vit), mon, rt), monitor_seconds=time.perf_counter() - t0)
-                    r.update(wait_written(out))  # the last epoch's last.pt, written beside this one: bytes, seconds
-                    append_jsonl(r, out / "log.jsonl")
-                    print(format_epoch(r, cfg))
-                    saving = dict(checkpoint_seconds=save_run(state, out, epoch + 1, cfg))
-        except KeyboardInterrupt:
-            raise interrupted(out, epoch) from None
+        saving = {}  # the last epoch's last.pt: the seconds training waited for its copy
+        for epoch in range(start, cfg["epochs"]):
+            sampler.set_epoch(epoch)
+            t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
+            r = pretrain_epoch(train_cnn, train_vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch)
+            seconds = time.perf_counter() - t0
+            if epoch >= cfg["swa_start"]:  # SWA: the average of the weights at the end of each epoch
+                swa_cnn.update_parameters(cnn)
+                swa_vit.update_parameters(vit)
+            r = dict(epoch=epoch + 1, **r, lr=lr, seconds=seconds,
+                     std_healthy=1 / math.sqrt(cfg["out_dim"]), swa_models=int(swa_cnn.n_averaged),
+                     images_per_s=r.pop("steps") * cfg["batch_size"] / seconds, **saving)
+            if rt.rank == 0:
+                if mon is not None:
+                    t0 = time.perf_counter()
+                    r.update(monitor(dict(cnn=cnn, vit=vit), mon, rt), monitor_seconds=time.perf_counter() - t0)
+                r.update(wait_written(run))  # the last epoch's last.pt, written beside this one: bytes, seconds
+                append_jsonl(r, out / "log.jsonl")
+                print(format_epoch(r, cfg))
+                saving = dict(checkpoint_seconds=save_run(run, state, epoch + 1, cfg))
         # -- the result: the averaged encoders, BatchNorm statistics recomputed for the averaged CNN ---
         t0 = time.perf_counter()
         if swa_cnn.n_averaged > 0:  # every process takes its share of the images, as in training
@@ -692,7 +689,7 @@ def pretrain(cfg):
             for arm, model in (("cnn", cnn), ("vit", vit)):
                 kwargs = encoder_kwargs(cfg[arm], cfg["img_size"], cfg["patch_size"])
                 atomic_write(out / f"{arm}.pt", encoder_record(model, cfg[arm], kwargs, arm, cfg))
-            finish_run(out, cfg, f"wrote {out}/cnn.pt and {out}/vit.pt (SWA over {int(swa_cnn.n_averaged)} epoch(s))" +
+            finish_run(run, cfg, f"wrote {out}/cnn.pt and {out}/vit.pt (SWA over {int(swa_cnn.n_averaged)} epoch(s))" +
                        (f"\n{collapse_warning(r, cfg['out_dim'])}" if start < cfg["epochs"] else ""))
     if rt.world > 1:
         dist.barrier()  # the other processes wait while rank 0 writes the result
@@ -884,37 +881,33 @@ def finetune(cfg):
         (0, clone(trainable), dict(best=math.inf, best_epoch=-1, bad=0))
     headline = HEADLINE.get(cfg["data"], "f1_macro")
 
-    with claim_run_folder(out, cfg, rt, splits, table, saved):
+    with claim_run_folder(out, cfg, rt, splits, table, saved) as run:
         patch = f" with patch {kw['patch_size']}" if kw.get("patch_size") else ""
         print(f"fine-tuning {name}{patch} ({cfg['arm']} arm, init {cfg['init']}, {cfg['mode']}) on {len(train_ds)} "
               f"labelled images ({split_name}) at {size} px, {len(table.classes)} classes, at most {cfg['epochs']} "
               f"epochs, splits {cfg['splits']}; run folder {out}")
-        epoch = start
-        try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
-            for epoch in range(start, cfg["epochs"]):
-                if stop["bad"] >= cfg["patience"]:
-                    break
-                sampler.set_epoch(epoch)
-                t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
-                loss = finetune_epoch(trainable, train_loader, optimizer, scaler, weights, rt, cfg, prep,
-                                      f"epoch {epoch + 1}/{cfg['epochs']}")
-                seconds = time.perf_counter() - t0
-                scheduler.step()  # once per epoch
-                logits, targets = logits_of(trainable, eval_loader["val"], rt, prep)
-                val_loss = float(focal_loss(logits, targets, cfg["focal_alpha"], cfg["focal_gamma"], weights(targets)))
-                val = classification_metrics(probabilities(logits, table.multilabel).numpy(), targets.numpy(),
-                                             table.multilabel, table.classes)[headline]
-                stop = early_stopping(stop, val_loss, epoch + 1)
-                best = clone(trainable) if stop["best_epoch"] == epoch + 1 else best
-                speed = len(sampler) / seconds
-                append_jsonl(dict(epoch=epoch + 1, train_loss=loss, val_loss=val_loss, **{f"val_{headline}": val},
-                                  lr=lr, seconds=seconds, images_per_s=speed,
-                                  best_epoch=stop["best_epoch"]), out / "log.jsonl")
-                print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {loss:.4f}  val loss {val_loss:.4f}  val "
-                      f"{headline} {val:.4f}  {speed:.1f} img/s{'  *best' if stop['best_epoch'] == epoch + 1 else ''}")
-                save_run(state, out, epoch + 1, cfg, best=best, early_stopping=stop, model=name, kwargs=kw)
-        except KeyboardInterrupt:
-            raise interrupted(out, epoch) from None
+        for epoch in range(start, cfg["epochs"]):
+            if stop["bad"] >= cfg["patience"]:
+                break
+            sampler.set_epoch(epoch)
+            t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
+            loss = finetune_epoch(trainable, train_loader, optimizer, scaler, weights, rt, cfg, prep,
+                                  f"epoch {epoch + 1}/{cfg['epochs']}")
+            seconds = time.perf_counter() - t0
+            scheduler.step()  # once per epoch
+            logits, targets = logits_of(trainable, eval_loader["val"], rt, prep)
+            val_loss = float(focal_loss(logits, targets, cfg["focal_alpha"], cfg["focal_gamma"], weights(targets)))
+            val = classification_metrics(probabilities(logits, table.multilabel).numpy(), targets.numpy(),
+                                         table.multilabel, table.classes)[headline]
+            stop = early_stopping(stop, val_loss, epoch + 1)
+            best = clone(trainable) if stop["best_epoch"] == epoch + 1 else best
+            speed = len(sampler) / seconds
+            append_jsonl(dict(epoch=epoch + 1, train_loss=loss, val_loss=val_loss, **{f"val_{headline}": val},
+                              lr=lr, seconds=seconds, images_per_s=speed,
+                              best_epoch=stop["best_epoch"]), out / "log.jsonl")
+            print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {loss:.4f}  val loss {val_loss:.4f}  val "
+                  f"{headline} {val:.4f}  {speed:.1f} img/s{'  *best' if stop['best_epoch'] == epoch + 1 else ''}")
+            save_run(run, state, epoch + 1, cfg, best=best, early_stopping=stop, model=name, kwargs=kw)
         # -- the best epoch's weights, evaluated as `evaluate` will ---------------------------------
         trainable.load_state_dict(best)
         if cfg["mode"] == "linear":
@@ -929,7 +922,7 @@ def finetune(cfg):
                                                      multilabel=table.multilabel, data=cfg["data"], img_size=size,
                                                      headline=headline, best_epoch=stop["best_epoch"]))
         write_json(results, out / "metrics.json")
-        finish_run(out, cfg, f"best epoch {stop['best_epoch']}: val {headline} {results['val'][headline]:.4f}, test "
+        finish_run(run, cfg, f"best epoch {stop['best_epoch']}: val {headline} {results['val'][headline]:.4f}, test "
                              f"{headline} {results['test'][headline]:.4f}; wrote {out}/best.pt and metrics.json")
     return out
 
@@ -1394,8 +1387,6 @@ def append_jsonl(obj, path):
 def diverged(where):
     return UserError(f"the run diverged in {where} and stopped; start it again with a lower --lr (another --out)")
 
-_HELD = {}  # the locks this process holds: path -> the open file that holds the flock
-WRITER, WRITING = ThreadPoolExecutor(1), {}  # the thread that writes last.pt; run folder -> its write (save_run)
 def load_checkpoint(path, what="checkpoint", advice="give a file that cass.py wrote"):
     if not Path(path).is_file():
         raise UserError(f"{what} {path} does not exist")
@@ -1407,26 +1398,35 @@ def load_checkpoint(path, what="checkpoint", advice="give a file that cass.py wr
 
 def claim(lock):
     """Take `lock`, an OS lock on a file (fcntl.flock: dropped when its process dies, so it cannot wedge, whatever the
-    file holds, its owner's pid for messages), or None while another holds it. One run a folder; shared grids."""
+    file holds, its owner's pid for messages): the open file, for release(), or None while another holds it."""
     import fcntl
     while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        f = open(lock, "a+b", buffering=0)  # unbuffered: closing it writes nothing, on a full disk too
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return os.close(fd)
+            return f.close()
         with contextlib.suppress(OSError):  # not the file its holder removed as we opened it: ours
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
                 break
-        os.close(fd)
+        f.close()
     with contextlib.suppress(OSError):  # the pid is only for messages: a full disk does not stop the lock
-        os.ftruncate(fd, 0) or os.write(fd, str(os.getpid()).encode())
-    _HELD[str(lock)] = fd
-    return Path(lock)
+        f.truncate(0)
+        f.write(str(os.getpid()).encode())
+    return f
 
 def release(lock):
-    Path(lock).unlink(missing_ok=True)
-    os.close(_HELD.pop(str(lock)))
+    Path(lock.name).unlink(missing_ok=True)
+    lock.close()
+
+@dataclass
+class Run:
+    """A run folder while this process writes it: the lock that holds it, and the write of last.pt that goes on beside
+    training (save_run; wait_written awaits it)."""
+    out: Path
+    lock: object = None  # claim()'s open file; None on torchrun's other processes
+    writing: object = None  # the Future of the last save_run
+    writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1), repr=False)
 
 def check_run_folder(out, cfg):
     """Before any work: a writable folder outside the data; --resume needs last.pt; a run is never written over."""
@@ -1455,50 +1455,54 @@ def check_output(path, inputs=(), overwrite=False, folder=False):
 @contextlib.contextmanager
 def claim_run_folder(out, cfg, rt, splits, table, saved=None):
     """The run folder, made once the checks have passed and held by a lock file while the run lasts (nothing in it is
-    touched before); it gets the run's splits and args.json. `saved`: what restore() read from last.pt."""
-    if rt.rank != 0:
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    lock = claim(out / "run.lock")
-    if lock is None:
-        pid = (out / "run.lock").read_text(errors="replace").strip() or "unknown"  # empty: written on a full disk
-        raise UserError(f"{out} is in use by another running process (pid {pid}); wait for it or choose another --out")
+    touched before); it gets the run's splits and args.json. `saved`: what restore() read from last.pt. Yields a Run.
+    Ctrl-C or SIGTERM inside: the finished epochs are in last.pt, and the message says what to do."""
+    run = Run(out)
+    if rt.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        run.lock = claim(out / "run.lock")
+        if run.lock is None:
+            pid = (out / "run.lock").read_text(errors="replace").strip() or "unknown"  # empty: written on a full disk
+            raise UserError(f"{out} is in use by another running process (pid {pid}); wait for it or choose another "
+                            "--out")
     try:
-        check_run_folder(out, cfg)  # again, held: a run that ended since the first check is never written over
-        for tmp in (*out.glob(".*.tmp*"), *out.glob("splits/.*.tmp*")):  # a killed process's half-written files
-            tmp.unlink()
-        log = out / "log.jsonl"  # a kill between a log line and last.pt leaves lines too many; a new run: none
-        if log.exists():
-            atomic_write(log, "".join(open(log).readlines()[:saved["log_lines"] if saved else 0]).encode())
-        if saved:
-            print(f"resuming {out} after epoch {saved['epoch']}")
-        else:
-            write_splits(table, splits, out / "splits")
-        write_json(cfg, out / "args.json")
-        yield
+        if rt.rank == 0:
+            check_run_folder(out, cfg)  # again, held: a run that ended since the first check is never written over
+            for tmp in (*out.glob(".*.tmp*"), *out.glob("splits/.*.tmp*")):  # a killed process's half-written files
+                tmp.unlink()
+            log = out / "log.jsonl"  # a kill between a log line and last.pt leaves lines too many; a new run: none
+            if log.exists():
+                atomic_write(log, "".join(open(log).readlines()[:saved["log_lines"] if saved else 0]).encode())
+            if saved:
+                print(f"resuming {out} after epoch {saved['epoch']}")
+            else:
+                write_splits(table, splits, out / "splits")
+            write_json(cfg, out / "args.json")
+        yield run
+    except KeyboardInterrupt:
+        raise interrupted(run) from None
     finally:
         try:
-            wait_written(out)  # last.pt whole before another run can take the folder
+            wait_written(run)  # last.pt whole before another run can take the folder
         finally:
-            release(lock)
+            run.lock and release(run.lock)
 
-def save_run(state, out, epoch, cfg, **extra):
+def save_run(run, state, epoch, cfg, **extra):
     """last.pt after every epoch (state_dicts, SWA's once it averages; random state, config, log length). Training waits
     for a CPU copy (returns its seconds); a thread writes it while the next epoch trains (wait_written awaits it)."""
-    wait_written(out)
-    t0, lines = time.perf_counter(), sum(1 for _ in open(out / "log.jsonl")) if (out / "log.jsonl").exists() else 0
-    obj = cpu_copy(dict(format="cass-run", epoch=epoch, config=cfg, rng=torch.get_rng_state(), **extra, log_lines=lines,
+    wait_written(run)
+    log, t0 = run.out / "log.jsonl", time.perf_counter()
+    obj = cpu_copy(dict(format="cass-run", epoch=epoch, config=cfg, rng=torch.get_rng_state(), **extra,
+                        log_lines=sum(1 for _ in open(log)) if log.exists() else 0,
                         **{k: v.state_dict() for k, v in state.items() if getattr(v, "n_averaged", 1)}))
-    WRITING[Path(out)] = WRITER.submit(lambda t=time.perf_counter(): atomic_write(out / "last.pt", obj) or dict(
-        last_pt_bytes=(out / "last.pt").stat().st_size, last_pt_seconds=time.perf_counter() - t))
+    run.writing = run.writer.submit(lambda t=time.perf_counter(): atomic_write(run.out / "last.pt", obj) or dict(
+        last_pt_bytes=(run.out / "last.pt").stat().st_size, last_pt_seconds=time.perf_counter() - t))
     return time.perf_counter() - t0
 
-def wait_written(out):
-    """Waits for the write of out/last.pt and raises its error; returns its bytes and seconds ({}: none pending)."""
-    future = WRITING.get(Path(out))
-    result = future.result() if future else {}  # interrupted here (a second signal), it is awaited again later
-    WRITING.pop(Path(out), None)
+def wait_written(run):
+    """Waits for the write of last.pt and raises its error; returns its bytes and seconds ({}: none pending)."""
+    result = run.writing.result() if run.writing else {}  # interrupted here (a second signal): awaited again later
+    run.writing = None
     return result
 
 def cpu_copy(obj):
@@ -1516,18 +1520,18 @@ def restore(state, out):
     torch.set_rng_state(saved["rng"])
     return saved
 
-def interrupted(out, epoch):
+def interrupted(run):
     """What to do after Ctrl-C or SIGTERM, from what the run folder holds (a folder may hold several passes)."""
-    wait_written(out)  # last.pt of the finished epochs, whole
-    return KeyboardInterrupt(f"interrupted in epoch {epoch + 1}; " + (f"{out}/last.pt holds the finished epochs: "
-                             "continue with the same command plus --resume" if (out / "last.pt").is_file() else
-                             "no epoch had finished: run the same command again"))
+    wait_written(run)  # last.pt of the finished epochs, whole
+    return KeyboardInterrupt("interrupted; " + (f"{run.out}/last.pt holds the finished epochs: continue with the same "
+                             "command plus --resume" if (run.out / "last.pt").is_file() else "no epoch had finished: "
+                             "run the same command again"))
 
-def finish_run(out, cfg, message):
+def finish_run(run, cfg, message):
     """last.pt only serves resuming (268 MB at the tiny preset, ~2 GB at the paper's): it goes unless --keep-last."""
-    wait_written(out)
+    wait_written(run)
     if not cfg["keep_last"]:
-        (out / "last.pt").unlink(missing_ok=True)
+        (run.out / "last.pt").unlink(missing_ok=True)
     print(message.rstrip())
 
 class Progress:

@@ -280,12 +280,13 @@ def checkpoint_cost(cfg, rt):
     state = dict(cnn=cnn, vit=vit, optimizer=optimizer, scheduler=scheduler, scaler=rt.scaler(), **swa)
     r = {}
     with tempfile.TemporaryDirectory() as folder:
+        run = cass.Run(Path(folder))
         for when in ("before_swa", "after_swa"):
             if when == "after_swa":
                 swa["swa_cnn"].update_parameters(cnn)
                 swa["swa_vit"].update_parameters(vit)
-            r[f"checkpoint_seconds_{when}"] = cass.save_run(state, Path(folder), 1, cfg)  # training's wait: a copy
-            written = cass.wait_written(Path(folder))  # the write beside training
+            r[f"checkpoint_seconds_{when}"] = cass.save_run(run, state, 1, cfg)  # training's wait: a copy
+            written = cass.wait_written(run)  # the write beside training
             r[f"checkpoint_bytes_{when}"] = written["last_pt_bytes"]
             r[f"write_seconds_{when}"] = written["last_pt_seconds"]
             print(f"last.pt {when.replace('_', ' ')}: {r[f'checkpoint_bytes_{when}'] / 1e9:.2f} GB; training waits "

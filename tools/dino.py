@@ -129,9 +129,10 @@ def dino_epoch(learner, loader, optimizer, scaler, scheduler, rt, cfg, desc):
     return dict(loss=mean[0], loss_first_step=first, loss_last_step=last, std=mean[1], steps=step)
 
 
-def run_pass(cfg, arm, loader, sampler, mon, rt, out, resume):
+def run_pass(cfg, arm, loader, sampler, mon, rt, run, resume):
     """One arm's pass: epochs of dino_epoch, each followed by the monitor, a log line and last.pt; then <arm>.pt,
     the student's backbone with a fresh head of the preset's width."""
+    out = run.out
     torch.manual_seed(cfg["seed"])  # each pass starts from the seed: a resumed run equals an uninterrupted one
     random.seed(cfg["seed"])  # Dino draws its RandomApply from Python's generator
     learner = build_learner(cfg, arm, rt)
@@ -148,26 +149,23 @@ def run_pass(cfg, arm, loader, sampler, mon, rt, out, resume):
         m = cass.monitor({arm: student}, mon, rt, baselines=True)
         cass.append_jsonl(dict(arm=arm, epoch=0, phase="init", **m), log)
         print(cass.format_monitor(m, f"{arm} epoch   0 (init)"), flush=True)
-    epoch, r = start, {}
-    try:  # Ctrl-C or SIGTERM anywhere in the loop: the finished epochs are in last.pt
-        for epoch in range(start, cfg["epochs"]):
-            sampler.set_epoch(epoch)
-            t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
-            r = dino_epoch(learner, loader, optimizer, scaler, scheduler, rt, cfg,
-                           f"{arm} epoch {epoch + 1}/{cfg['epochs']}")
-            seconds, steps = time.perf_counter() - t0, r.pop("steps")
-            r = dict(arm=arm, epoch=epoch + 1, loss=r["loss"], loss_first_step=r["loss_first_step"],
-                     loss_last_step=r["loss_last_step"], **{f"std_{arm}": r["std"]},
-                     lr=lr, seconds=seconds, std_healthy=1 / math.sqrt(BOTTLENECK),
-                     images_per_s=steps * cfg["batch_size"] / seconds)
-            if mon is not None:
-                t0 = time.perf_counter()
-                r.update(cass.monitor({arm: student}, mon, rt), monitor_seconds=time.perf_counter() - t0)
-            cass.append_jsonl(r, log)
-            print(format_epoch(r, cfg), flush=True)
-            cass.save_run(state, out, epoch + 1, cfg, arm=arm, python_rng=random.getstate())
-    except KeyboardInterrupt:
-        raise cass.interrupted(out, epoch) from None
+    r = {}
+    for epoch in range(start, cfg["epochs"]):
+        sampler.set_epoch(epoch)
+        t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
+        r = dino_epoch(learner, loader, optimizer, scaler, scheduler, rt, cfg,
+                       f"{arm} epoch {epoch + 1}/{cfg['epochs']}")
+        seconds, steps = time.perf_counter() - t0, r.pop("steps")
+        r = dict(arm=arm, epoch=epoch + 1, loss=r["loss"], loss_first_step=r["loss_first_step"],
+                 loss_last_step=r["loss_last_step"], **{f"std_{arm}": r["std"]},
+                 lr=lr, seconds=seconds, std_healthy=1 / math.sqrt(BOTTLENECK),
+                 images_per_s=steps * cfg["batch_size"] / seconds)
+        if mon is not None:
+            t0 = time.perf_counter()
+            r.update(cass.monitor({arm: student}, mon, rt), monitor_seconds=time.perf_counter() - t0)
+        cass.append_jsonl(r, log)
+        print(format_epoch(r, cfg), flush=True)
+        cass.save_run(run, state, epoch + 1, cfg, arm=arm, python_rng=random.getstate())
     backbone = learner.net if cfg["encoder"] == "student" else learner.teacher_encoder.net
     backbone.reset_classifier(cfg["out_dim"])  # the head a CASS arm has; fine-tuning replaces it
     kwargs = cass.encoder_kwargs(cfg[arm], cfg["img_size"], cfg["patch_size"])
@@ -208,7 +206,7 @@ def pretrain(cfg):
     saved = cass.restore({}, out) if cfg["resume"] else None  # read only: the folder is not held yet
     saved_arm = saved["arm"] if saved else None
 
-    with cass.claim_run_folder(out, cfg, rt, splits, table, saved):  # trims the log to this last.pt
+    with cass.claim_run_folder(out, cfg, rt, splits, table, saved) as run:  # trims the log to this last.pt
         print(f"DINO pretraining ({cfg['recipe']}): {' then '.join(cfg[a] for a in cfg['arms'])}, {len(train)} images "
               f"at {cfg['img_size']} px, splits {cfg['splits']}, {cfg['epochs']} epochs each, batch "
               f"{cfg['batch_size']} on {rt.device.type} {str(rt.amp_dtype or 'fp32').replace('torch.', '')}; run "
@@ -216,8 +214,8 @@ def pretrain(cfg):
         for arm in cfg["arms"]:
             if (out / f"{arm}.pt").is_file():  # a pass that finished before the run was interrupted
                 continue
-            run_pass(cfg, arm, loader, sampler, mon, rt, out, resume=arm == saved_arm)
-        cass.finish_run(out, cfg, f"wrote {', '.join(f'{out}/{a}.pt' for a in cfg['arms'])}")
+            run_pass(cfg, arm, loader, sampler, mon, rt, run, resume=arm == saved_arm)
+        cass.finish_run(run, cfg, f"wrote {', '.join(f'{out}/{a}.pt' for a in cfg['arms'])}")
     return out
 
 

@@ -102,10 +102,8 @@ class Table:
     suffix: str = ""
     arrays: dict = None  # name -> uint8 images [N, H, W] or [N, H, W, C]
     window: list = None  # DICOM: one [centre, width] for every file (--window), else each file's own (read_dicom)
-
     def path(self, key):
         return Path(self.image_dir) / f"{key}{self.suffix}"
-
     def strata(self, keys):
         """The class that stratifies each key: its class, or its rarest positive label."""
         if not self.multilabel:
@@ -127,10 +125,8 @@ def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
     rng = np.random.default_rng(seed)
     labelled = [k for k in table.keys if k in table.labels]
     splits = {s: list(v) for s, v in table.given.items()}
-
     def take(pool, frac):  # a class keeps one image for training (a single image goes to train)
         return _stratified(pool, table.strata(pool), lambda c, n: min(n - 1, max(1, round(frac * n))), rng)
-
     if "test" not in splits:
         splits["test"] = take(labelled, test_fraction)
     if "val" not in splits:
@@ -141,11 +137,9 @@ def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
         splits["train"] = [k for k in table.keys if k not in used]
     train = [k for k in splits["train"] if k in table.labels]
     strata = table.strata(train)
-    per_class = {c: strata.count(c) for c in set(strata)}
     ten = splits["train_10pct"] = _stratified(train, strata, lambda c, n: max(1, round(0.1 * n)), rng)
-    splits["train_1pct"] = _stratified(ten, table.strata(ten), lambda c, n: min(n, max(1, round(0.01 * per_class[c]))),
-                                       rng)
-    return splits
+    one = lambda c, n: min(n, max(1, round(0.01 * strata.count(c))))  # noqa: E731 (1% of the class in train)
+    return {**splits, "train_1pct": _stratified(ten, table.strata(ten), one, rng)}
 
 def missing_images(table, keys):
     """The keys whose image is absent (one stat per file: datasets hold 25,000); 0-byte files stop the run."""
@@ -157,8 +151,7 @@ def missing_images(table, keys):
             return table.path(k).stat().st_size
         return -1
     sizes = {k: size(k) for k in keys}
-    empty = [k for k, n in sizes.items() if n == 0]
-    if empty:
+    if empty := [k for k, n in sizes.items() if n == 0]:
         raise UserError(f"{len(empty)} image file(s) are empty (first: {table.path(empty[0])}); remove or replace them")
     return [k for k, n in sizes.items() if n < 0]
 
@@ -175,8 +168,7 @@ def load_splits(cfg, table):
             raise UserError(f"{folder} holds no train.csv, val.csv and test.csv; use --splits auto to compute splits")
         splits = {n: list(dict.fromkeys(r[0] for r in read_csv(folder / f"{n}.csv")[1])) for n in names}
     listed, source = sorted(set().union(*splits.values())), f"--data {table.name}" if choice == "auto" else folder
-    unlisted = len(set(table.keys) - set(listed))
-    if unlisted:
+    if unlisted := len(set(table.keys) - set(listed)):
         print(f"note: {unlisted} of the {len(table.keys)} images of --data {table.name} are in none of the split "
               f"files in {folder}: the run leaves them out")
     missing = set(missing_images(table, listed))  # one stat per image
@@ -197,31 +189,27 @@ def load_splits(cfg, table):
     return {n: [k for k in v if k not in missing] for n, v in splits.items()}, cfg["splits"] if resumed else str(folder)
 
 def image_tensor(img, size):
-    """A PIL image as the uint8 [3, size, size] both arms see (paper B.1.2: Resize(size, size))."""
+    """A PIL image or a uint8 array as the uint8 [3, size, size] both arms see (paper B.1.2: Resize(size, size))."""
     from PIL import Image
-    img = Image.fromarray(_rgb_uint8(img)).resize((size, size), Image.BILINEAR).convert("RGB")  # grey: a third the work
+    img = Image.fromarray(img if isinstance(img, np.ndarray) else _rgb_uint8(img))
+    img = img.resize((size, size), Image.BILINEAR).convert("RGB")  # grey: a third the work
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
 
 def decode_image(table, key, size):
-    from PIL import Image
-    if table.arrays is not None:
-        name, index = key.split("/")
-        return image_tensor(Image.fromarray(table.arrays[name][int(index)]), size)
-    return image_tensor(read_image(table.path(key), table.window, size), size)
+    name, _, index = key.partition("/")  # the built-in digits: "array/index"
+    return image_tensor(table.arrays[name][int(index)] if table.arrays is not None else
+                        read_image(table.path(key), table.window, size), size)
 
 class ImageDataset(Dataset):
     """A split's images, uint8 [3, size, size], and multi-hot targets [C]; items (index, seed) from EpochSampler. With
     `augment`, also the augment_params of the seed (whatever the workers); `skip_bad` (predict): zeros, target NaN."""
     def __init__(self, table, keys, size, augment=False, cache=None, skip_bad=False):
         self.table, self.keys, self.size, self.augment, self.cache = table, list(keys), size, augment, cache
-        self.skip_bad = skip_bad
-        n = max(len(table.classes), 1)
+        self.skip_bad, n = skip_bad, max(len(table.classes), 1)
         self.targets = torch.stack([torch.as_tensor(table.labels.get(k, np.zeros(n, np.float32))) for k in self.keys]) \
             if self.keys else torch.zeros(0, n)
-
     def __len__(self):
         return len(self.keys)
-
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
         try:
@@ -239,13 +227,10 @@ class EpochSampler(Sampler):
     def __init__(self, n, global_batch, seed, drop_last=True, rank=0, world=1):
         self.n, self.batch, self.seed, self.drop_last = n, global_batch, seed, drop_last
         self.rank, self.world, self.epoch = rank, world, 0
-
     def set_epoch(self, epoch):
         self.epoch = epoch
-
     def steps(self):
         return self.n // self.batch if self.drop_last else math.ceil(self.n / self.batch)
-
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         order, seeds, share = rng.permutation(self.n), rng.integers(0, 2**62, self.n), self.batch // self.world
@@ -253,9 +238,23 @@ class EpochSampler(Sampler):
             chunk = order[b * self.batch:(b + 1) * self.batch]
             for i in chunk[self.rank * share:(self.rank + 1) * share] if self.world > 1 else chunk:
                 yield int(i), int(seeds[i])
-
     def __len__(self):
         return self.steps() * (self.batch // self.world)
+
+def fitted_batch(n, batch, world=1):
+    """The batch for n images when each epoch drops its last partial batch: `batch`, unless that drops more than a
+    tenth of them (98 at 64: 34 an epoch); then the largest that cuts them into as many full batches (98: 2 of 49)."""
+    return batch if n % batch <= n / 10 else max(2 * world, n // math.ceil(n / batch) // world * world)
+
+SMALL = 100  # a split with fewer images is said out loud: one image moves an accuracy on it by over 1%
+
+def small_data(sizes, n=0, batch=0, asked=0):
+    """The note a run's first line ends with when a split is small ({name: images}) or the batch was fitted."""
+    few = ", ".join(f"{v} {k}" for k, v in sizes.items() if v < SMALL)
+    return (f"\nnote: batch {batch}, not {asked}, so that each epoch sees all but {n % batch} of the {n} images"
+            if batch != asked else "") + (f"\nnote: small data ({few} images, under {SMALL}): one image moves an "
+                                          "accuracy on n images by 1/n; the test metric comes with a 95% bootstrap "
+                                          "interval, the monitor with its standard error" if few else "")
 
 # ==== Augmentations (paper B.1.2; the same for fine-tuning, B.2.1): drawn per image, applied to the batch ========
 
@@ -444,36 +443,57 @@ def class_weights(counts, kind="inverse"):
 
 # ==== Metrics and the collapse monitor ===========================================================================
 
-def classification_metrics(probs, targets, multilabel, classes):
-    """scikit-learn's metrics, each named for what it is. probs, targets: [N, C] arrays."""
+def classification_metrics(probs, targets, multilabel, classes, interval=None):
+    """scikit-learn's metrics, each named for what it is, and per class (against the rest) what clinicians report:
+    sensitivity (recall), specificity, precision, F1, AUROC; quadratic-weighted kappa where the classes are grades
+    (whole numbers). probs, targets: [N, C] arrays. `interval`: a metric given a 95% bootstrap interval, as AUROC."""
     from sklearn import metrics as M
     probs, targets, labels = np.asarray(probs, dtype=np.float64), np.asarray(targets), list(range(len(classes)))
+    y, pred = (targets.astype(int), (probs > 0.5).astype(int)) if multilabel else (targets.argmax(1), probs.argmax(1))
+    (tn, fp), (fn, tp) = M.multilabel_confusion_matrix(y, pred, labels=labels).transpose(1, 2, 0)  # [C] each
+    rest = np.eye(len(classes), dtype=bool)[y] if not multilabel else y.astype(bool)  # [N, C]: a class or not
+    both = (rest.sum(0) > 0) & (rest.sum(0) < len(y)) & np.isfinite(probs).all(0)  # [C]: AUROC is defined (a NaN:
+    auc = [float(M.roc_auc_score(rest[:, i], probs[:, i])) if both[i] else None for i in labels]  # a diverged run)
+    share = lambda a, b: float(a / (a + b)) if a + b else 0.0  # noqa: E731 (sklearn's zero_division=0)
+    out = dict(per_class={c: dict(sensitivity=share(tp[i], fn[i]), specificity=share(tn[i], fp[i]), precision=share(
+        tp[i], fp[i]), f1=share(2 * tp[i], fp[i] + fn[i]), auroc=auc[i], support=int(tp[i] + fn[i]))
+        for i, c in enumerate(classes)}, roc_auc_ovr=None if None in auc else float(np.mean(auc)))  # macro, as sklearn
+    f1 = lambda average: float(M.f1_score(y, pred, average=average, labels=labels, zero_division=0))  # noqa: E731
     if multilabel:
-        pred, y = (probs > 0.5).astype(int), targets.astype(int)
         present = y.sum(0) > 0
-        return dict(
-            f1_micro=float(M.f1_score(y, pred, average="micro", zero_division=0)),
-            f1_macro=float(M.f1_score(y, pred, average="macro", zero_division=0)),
-            f1_samples=float(M.f1_score(y, pred, average="samples", zero_division=0)),
-            mean_average_precision=float(M.average_precision_score(y[:, present], probs[:, present], average="macro"))
-            if present.any() else None,
-            per_label_f1=dict(zip(classes, M.f1_score(y, pred, average=None, labels=labels, zero_division=0).tolist())))
-    y, pred = targets.argmax(1), probs.argmax(1)
-    p, r, f, s = M.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    try:
-        auc = float(M.roc_auc_score(y, probs, multi_class="ovr", labels=labels) if len(labels) > 2
-                    else M.roc_auc_score(y, probs[:, 1]))
-    except ValueError:  # a class absent from y
-        auc = None
-    return dict(
-        accuracy=float(M.accuracy_score(y, pred)),
-        balanced_accuracy=float(M.balanced_accuracy_score(y, pred)),
-        f1_macro=float(M.f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
-        f1_weighted=float(M.f1_score(y, pred, average="weighted", labels=labels, zero_division=0)),
-        roc_auc_ovr=auc,
-        per_class={c: dict(precision=float(p[i]), recall=float(r[i]), f1=float(f[i]), support=int(s[i]))
-                   for i, c in enumerate(classes)},
-        confusion_matrix=M.confusion_matrix(y, pred, labels=labels).tolist())
+        out.update(f1_micro=f1("micro"), f1_macro=f1("macro"), f1_samples=f1("samples"), mean_average_precision=float(
+            M.average_precision_score(y[:, present], probs[:, present], average="macro")) if present.any() else None)
+    else:
+        grades = np.array([int(c) for c in classes]) if all(c.isdigit() for c in classes) else None
+        out.update(accuracy=float(M.accuracy_score(y, pred)), balanced_accuracy=float(M.balanced_accuracy_score(
+            y, pred)), f1_macro=f1("macro"), f1_weighted=f1("weighted"), confusion_matrix=M.confusion_matrix(
+            y, pred, labels=labels).tolist(), **({} if grades is None else dict(kappa_quadratic=float(
+                M.cohen_kappa_score(grades[y], grades[pred], weights="quadratic")))))
+    if interval:  # 1,000 resamples of the images, every one at once
+        w = np.random.default_rng(0).multinomial(len(y), np.full(len(y), 1 / len(y)), 1000).astype(np.float64)
+        chosen = np.eye(len(classes), dtype=bool)[pred] if not multilabel else pred > 0  # [N, C]
+        values = resampled_metrics(probs, rest, chosen, w)
+        out["ci95"] = {k: np.nanpercentile(values[k], [2.5, 97.5]).tolist() for k in (interval, "roc_auc_ovr")
+                       if k in values and out.get(k) is not None}
+    return out
+
+def resampled_metrics(probs, truth, chosen, w):
+    """f1_macro, balanced_accuracy and roc_auc_ovr (macro) of resamples of the images, each image weighing how often a
+    resample drew it, w [R, N]; truth, chosen: [N, C] booleans (a class or not, predicted or not). Each [R]."""
+    tp, fp, fn = w @ (truth & chosen), w @ (~truth & chosen), w @ (truth & ~chosen)  # [R, C] weighted counts
+    with np.errstate(invalid="ignore", divide="ignore"):  # a class a resample lacks: NaN, left out of the interval
+        return dict(f1_macro=np.nan_to_num(2 * tp / (2 * tp + fp + fn)).mean(1), balanced_accuracy=np.nanmean(
+            tp / (tp + fn), 1), roc_auc_ovr=np.mean([weighted_auroc(probs[:, i], truth[:, i], w)
+                                                     for i in range(truth.shape[1])], 0))
+
+def weighted_auroc(score, positive, w):
+    """AUROC of score [N] for positive [N] under weights w [R, N] (Mann-Whitney): the weighted share of positive and
+    negative pairs the score orders right, a tie counting half. [R]; NaN where a resample lacks one of the two."""
+    order = np.argsort(score, kind="stable")
+    score, positive, w = score[order], positive[order], w[:, order]
+    start = np.flatnonzero(np.r_[True, score[1:] != score[:-1]])  # the first of each run of tied scores
+    neg, pos = np.add.reduceat(w * ~positive, start, 1), np.add.reduceat(w * positive, start, 1)  # [R, runs]
+    return (pos * (np.cumsum(neg, 1) - neg / 2)).sum(1) / (pos.sum(1) * neg.sum(1))
 
 def output_spread(z):
     """Mean per-dimension std of the L2-normalised outputs [B, D], a tensor: about 1/sqrt(D) when they spread
@@ -622,13 +642,12 @@ def pretrain(cfg):
     table = load_table(cfg["data"], cfg["root"], cfg.get("window"))  # runs from before --window have none
     splits, cfg["splits"] = load_splits(cfg, table)
     train = splits["train"]
-    if len(train) < cfg["batch_size"]:
-        raise UserError(f"the training split has {len(train)} images, fewer than one batch (--batch-size "
-                        f"{cfg['batch_size']}); lower --batch-size")
-    cache = decode_all(table, train, cfg)
-    dataset = ImageDataset(table, train, cfg["img_size"], True, cache)
-    sampler = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"], rank=rt.rank, world=rt.world)
-    loader = make_loader(dataset, sampler, cfg["batch_size"] // rt.world, cfg["workers"], rt)
+    if len(train) < 2 * rt.world:  # BatchNorm and the spread compare images: two a process at the least
+        raise UserError(f"the training split has {len(train)} image(s); pretraining needs {2 * rt.world} at the least")
+    batch = fitted_batch(len(train), cfg["batch_size"], rt.world)
+    dataset = ImageDataset(table, train, cfg["img_size"], True, decode_all(table, train, cfg))
+    sampler = EpochSampler(len(dataset), batch, cfg["seed"], rank=rt.rank, world=rt.world)
+    loader = make_loader(dataset, sampler, batch // rt.world, cfg["workers"], rt)
     mon = monitor_loaders(table, splits, cfg, rt) if rt.rank == 0 else None
     # -- encoders, optimiser, schedule, SWA ------------------------------------------------------
     cnn, vit = (to_device(m, rt, cfg[arm]) for m, arm in zip(build_pair(cfg), ("cnn", "vit")))
@@ -642,13 +661,14 @@ def pretrain(cfg):
     train_cnn, train_vit = wrap_ddp(cnn, rt, cfg["sync_bn"]), wrap_ddp(vit, rt)
     if cfg["compile"]:
         train_cnn, train_vit = torch.compile(train_cnn), torch.compile(train_vit)
-
     with claim_run_folder(out, cfg, rt, splits, table, saved) as run:
         if rt.rank == 0:
             print(f"CASS pretraining ({cfg['objective']}): {cfg['cnn']} + {cfg['vit']}"
                   f"{' with patch %s' % cfg['patch_size'] if cfg['patch_size'] else ''}, {len(train)} images at "
-                  f"{cfg['img_size']} px, splits {cfg['splits']}, {cfg['epochs']} epochs, global batch "
-                  f"{cfg['batch_size']} on {rt.world} x {rt.device.type} {rt.amp_dtype or 'fp32'}; run folder {out}")
+                  f"{cfg['img_size']} px, splits {cfg['splits']}, {cfg['epochs']} epochs, global batch {batch} on "
+                  f"{rt.world} x {rt.device.type} {rt.amp_dtype or 'fp32'}; run folder {out}" + small_data(dict(
+                      training=len(train), **({"monitor query": len(mon["val"].dataset)} if mon else {})),
+                      len(train), batch, cfg["batch_size"]))
         if start == 0 and mon is not None:
             m = monitor(dict(cnn=cnn, vit=vit), mon, rt, baselines=True)
             append_jsonl(dict(epoch=0, phase="init", **m), out / "log.jsonl")
@@ -665,7 +685,7 @@ def pretrain(cfg):
                 swa_vit.update_parameters(vit)
             r = dict(epoch=epoch + 1, **r, lr=lr, seconds=seconds,
                      std_healthy=1 / math.sqrt(cfg["out_dim"]), swa_models=int(swa_cnn.n_averaged),
-                     images_per_s=r.pop("steps") * cfg["batch_size"] / seconds, **saving)
+                     images_per_s=r.pop("steps") * batch / seconds, **saving)
             if rt.rank == 0:
                 if mon is not None:
                     t0 = time.perf_counter()
@@ -677,7 +697,7 @@ def pretrain(cfg):
         # -- the result: the averaged encoders, BatchNorm statistics recomputed for the averaged CNN ---
         t0 = time.perf_counter()
         if swa_cnn.n_averaged > 0:  # every process takes its share of the images, as in training
-            bn = EpochSampler(len(dataset), cfg["batch_size"], cfg["seed"] + 1, rank=rt.rank, world=rt.world)
+            bn = EpochSampler(len(dataset), batch, cfg["seed"] + 1, rank=rt.rank, world=rt.world)
             recompute_batchnorm(swa_cnn, make_loader(dataset, bn, bn.batch // bn.world, cfg["workers"], rt), rt)
             cnn, vit = swa_cnn.module, swa_vit.module
         if rt.rank == 0:
@@ -870,8 +890,9 @@ def finetune(cfg):
         eval_loader = {s: DataLoader(ImageDataset(table, keys[s], size, cache=(feats[s][0] - mean) / std),
                                      batch_size=256) for s in eval_ds}
         trainable, prep, workers = model.get_classifier(), (lambda x: x), 0
-    batch = min(cfg["batch_size"], len(train_ds))
-    sampler = EpochSampler(len(train_ds), batch, cfg["seed"], drop_last=cfg["mode"] == "full" and len(train_ds) > batch)
+    full = cfg["mode"] == "full"  # drops each epoch's last partial batch (BatchNorm cannot take one image)
+    batch = fitted_batch(len(train_ds), cfg["batch_size"]) if full else min(cfg["batch_size"], len(train_ds))
+    sampler = EpochSampler(len(train_ds), batch, cfg["seed"], drop_last=full and len(train_ds) > batch)
     train_loader = make_loader(train_ds, sampler, batch, workers, rt)
     optimizer = make_adam(trainable.parameters(), cfg["lr"])
     scheduler, scaler = cosine_schedule(optimizer, cfg), rt.scaler()
@@ -880,12 +901,13 @@ def finetune(cfg):
     start, best, stop = (saved["epoch"], saved["best"], saved["early_stopping"]) if saved else \
         (0, clone(trainable), dict(best=math.inf, best_epoch=-1, bad=0))
     headline = HEADLINE.get(cfg["data"], "f1_macro")
-
     with claim_run_folder(out, cfg, rt, splits, table, saved) as run:
         patch = f" with patch {kw['patch_size']}" if kw.get("patch_size") else ""
         print(f"fine-tuning {name}{patch} ({cfg['arm']} arm, init {cfg['init']}, {cfg['mode']}) on {len(train_ds)} "
               f"labelled images ({split_name}) at {size} px, {len(table.classes)} classes, at most {cfg['epochs']} "
-              f"epochs, splits {cfg['splits']}; run folder {out}")
+              f"epochs, splits {cfg['splits']}; run folder {out}" + small_data(dict(
+                  training=len(train_ds), validation=len(eval_ds["val"]), test=len(eval_ds["test"])), len(train_ds),
+                  batch, cfg["batch_size"] if full else batch))
         for epoch in range(start, cfg["epochs"]):
             if stop["bad"] >= cfg["patience"]:
                 break
@@ -917,13 +939,15 @@ def finetune(cfg):
             logits, targets = logits_of(model, make_loader(eval_ds[s], None, cfg["batch_size"], cfg["workers"], rt), rt,
                                         normalize)
             results[s] = classification_metrics(probabilities(logits, table.multilabel).numpy(), targets.numpy(),
-                                                table.multilabel, table.classes)
+                                                table.multilabel, table.classes, headline if s == "test" else None)
         atomic_write(out / "best.pt", encoder_record(model, name, kw, cfg["arm"], cfg, classes=list(table.classes),
                                                      multilabel=table.multilabel, data=cfg["data"], img_size=size,
                                                      headline=headline, best_epoch=stop["best_epoch"]))
         write_json(results, out / "metrics.json")
+        lo, hi = results["test"]["ci95"].get(headline, (math.nan, math.nan))
         finish_run(run, cfg, f"best epoch {stop['best_epoch']}: val {headline} {results['val'][headline]:.4f}, test "
-                             f"{headline} {results['test'][headline]:.4f}; wrote {out}/best.pt and metrics.json")
+                             f"{headline} {results['test'][headline]:.4f} (95% CI {lo:.4f} to {hi:.4f}); wrote "
+                             f"{out}/best.pt and metrics.json")
     return out
 
 def clone(model):
@@ -981,24 +1005,31 @@ def evaluate(cfg):
                             f"differ at class {i}: {a[i] if i < len(a) else '(none)'} against "
                             f"{b[i] if i < len(b) else '(none)'}" + ("" if a != b else " (one is multi-label)"))
     splits, _ = load_splits(dict(splits=cfg["splits"] or (first["splits"] if same else None)), table)
-    keys = [k for k in splits[cfg["split"]] if k in table.labels]
+    keys, headline = [k for k in splits[cfg["split"]] if k in table.labels], HEADLINE.get(data, "f1_macro")
     probs, targets = ensemble_probabilities(ckpts, table, keys, rt, cfg["workers"])
-    metrics = classification_metrics(probs.numpy(), targets.numpy(), table.multilabel, table.classes)
-    headline = HEADLINE.get(data, "f1_macro")
+    metrics = classification_metrics(probs.numpy(), targets.numpy(), table.multilabel, table.classes, headline)
     result = dict(ckpts=[str(p) for p, _ in ckpts], split=cfg["split"], data=data, headline=headline, **metrics)
     if cfg["out"]:
         write_json(result, cfg["out"])  # saved before anything else can fail
     print(f"{'ensemble of ' + str(len(ckpts)) if len(ckpts) > 1 else ckpts[0][0]} on the {cfg['split']} split "
-          f"({len(keys)} images)\n  {headline:<24} {metrics[headline]:.4f}   (headline)")
-    print("".join(f"  {k:<24} {v:.4f}\n" for k, v in metrics.items() if isinstance(v, float) and k != headline), end="")
-    for c, v in (metrics.get("per_class") or metrics.get("per_label_f1")).items():
-        print(f"  {c:<24} " + (f"precision {v['precision']:.3f}  recall {v['recall']:.3f}  f1 {v['f1']:.3f}  n "
-                                f"{v['support']}" if isinstance(v, dict) else f"f1 {v:.3f}"))
+          f"({len(keys)} images)\n{format_metrics(metrics, headline)}")
     return result
+
+def format_metrics(m, headline):
+    """The metrics as a table: the headline first, 95% bootstrap intervals beside the metrics that have one, each class
+    against the rest below."""
+    ci = lambda k: f"   95% CI {m['ci95'][k][0]:.4f} to {m['ci95'][k][1]:.4f}" if k in m.get("ci95", {}) else ""  # noqa
+    lines = [f"  {k:<24} {v:.4f}{ci(k)}{'   (headline)' if k == headline else ''}" for k, v in sorted(
+        m.items(), key=lambda kv: kv[0] != headline) if isinstance(v, float)]
+    auroc = lambda v: f"{v:.3f}" if v is not None else "n/a"  # noqa: E731 (a class without positives or negatives)
+    return "\n".join(lines + [f"  {c:<24} sensitivity {v['sensitivity']:.3f}  specificity {v['specificity']:.3f}  "
+                               f"precision {v['precision']:.3f}  f1 {v['f1']:.3f}  AUROC {auroc(v['auroc'])}  n "
+                               f"{v['support']}" for c, v in m["per_class"].items()])
 
 def predict(cfg):
     """Per-class probabilities and the predicted label of new images (a folder, by image_files, an image, or a CSV
-    with an `image` column) as evaluation sees them, in a CSV; those that do not decode are named at the end."""
+    with an `image` column) as evaluation sees them, in a CSV; those that do not decode are named at the end. An image
+    with a known class (in a folder named after one, or a CSV's labels) gets it in a `label` column beside."""
     rt = make_runtime(cfg["device"], "auto")
     ckpts = [load_finetuned(p) for p in cfg["ckpt"]]
     source, out = Path(cfg["images"]), Path(cfg["out"] or "predictions.csv")
@@ -1010,20 +1041,28 @@ def predict(cfg):
         folder = source if source.is_dir() else source.parent
         keys = [str(p.relative_to(folder)) for p in image_files(source)] if source.is_dir() else [source.name]
         table = Table("predict", classes, multilabel, {}, keys, image_dir=str(folder))
+        known = {k: next((p for p in reversed(Path(k).parts[:-1]) if p in classes), "") for k in keys}
     elif source.is_file():
-        table = replace(table_csv(source, "predict"), classes=classes, multilabel=multilabel, labels={})
+        listed = table_csv(source, "predict")
+        table = replace(listed, classes=classes, multilabel=multilabel, labels={})
+        known = {k: ";".join(c for c, v in zip(listed.classes, y) if v) for k, y in listed.labels.items()}
     else:
         raise UserError(f"--images {source} is neither a folder of images, an image nor a CSV file")
     if not table.keys:
         raise UserError(f"--images {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     probs, targets = ensemble_probabilities(ckpts, table, table.keys, rt, cfg["workers"], skip_bad=True)
     failed = targets.isnan().any(1).tolist()  # images that did not decode
-    bad, rows = [str(table.path(k)) for k, f in zip(table.keys, failed) if f], [["image", *classes, "predicted"]]
+    labelled = [k for k in table.keys if known.get(k)]  # the right answer beside the prediction
+    bad, rows = [str(table.path(k)) for k, f in zip(table.keys, failed) if f], [["image", *classes, "predicted"] + (
+        ["label"] if labelled else [])]
     for key, p, f in zip(table.keys, probs.tolist(), failed):
         label = ";".join(c for c, v in zip(classes, p) if v > 0.5) if multilabel else classes[int(np.argmax(p))]
-        rows += [] if f else [[str(table.path(key)), *(f"{v:.6f}" for v in p), label]]
+        rows += [] if f else [[str(table.path(key)), *(f"{v:.6f}" for v in p), label] + ([known.get(key, "")] if
+                                                                                         labelled else [])]
     write_csv(rows, out)
-    print(f"wrote the predictions for {len(rows) - 1} images to {out}")
+    scored = [r[-1] == r[-2] for r in rows[1:] if labelled and r[-1]]
+    print(f"wrote the predictions for {len(rows) - 1} images to {out}" + (
+        f"; {sum(scored)} of the {len(scored)} with a label predicted right" if labelled else ""))
     if bad:
         raise UserError(f"{len(bad)} of the {len(table.keys)} images cannot be read and have no prediction in {out}: "
                         f"{', '.join(bad)}; remove or replace them")
@@ -1037,13 +1076,11 @@ ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 
 def _rgb_uint8(img):
     """Any PIL image (grey, RGB, RGBA, palette, 16-bit, float) as a uint8 array [H, W] or [H, W, 3]."""
-    if img.mode in ("RGB", "L"):
-        return np.asarray(img)
-    if img.mode.startswith("I") or img.mode == "F":  # 16- or 32-bit single channel
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        return np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-    return np.asarray(img.convert("RGB"))  # RGBA, LA, P, CMYK, ...: PIL composites and converts
+    if not (img.mode.startswith("I") or img.mode == "F"):  # RGBA, LA, P, CMYK, ...: PIL composites and converts
+        return np.asarray(img if img.mode in ("RGB", "L") else img.convert("RGB"))
+    arr = np.asarray(img).astype(np.float64)  # 16- or 32-bit single channel
+    return np.clip(arr / (65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)) * 255, 0, 255).astype(
+        np.uint8)
 
 def read_image(path, window=None, size=None):
     """An image file as a PIL image: DICOM by read_dicom (`window`), pictures by Pillow; a JPEG bound for `size` px at
@@ -1262,10 +1299,8 @@ class Runtime:
     amp_dtype: torch.dtype = None  # None: fp32
     rank: int = 0
     world: int = 1
-
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
     def scaler(self):  # fp16 needs loss scaling; with bf16 or fp32 the scaler does nothing
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -1378,8 +1413,7 @@ def read_json(path):
 
 def append_jsonl(obj, path):
     """A line of a run's log, strict JSON: a value that is not finite means the run diverged, and it stops there."""
-    bad = next((k for k, v in obj.items() if isinstance(v, float) and not math.isfinite(v)), None)
-    if bad:
+    if bad := next((k for k, v in obj.items() if isinstance(v, float) and not math.isfinite(v)), None):
         raise diverged(f"epoch {obj.get('epoch')} ({bad} {obj[bad]})")
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
@@ -1538,7 +1572,6 @@ class Progress:
     """tqdm on a terminal; elsewhere (nohup, a log file) a plain line every 30 s, so no epoch is silent."""
     def __init__(self, iterable, desc, show=True):
         self.iterable, self.desc, self.show, self.text, self.bar = iterable, desc, show, "", None
-
     def __iter__(self):
         if self.show and sys.stderr.isatty():
             from tqdm import tqdm
@@ -1551,11 +1584,9 @@ class Progress:
             if self.show and time.monotonic() - last > 30:
                 last = time.monotonic()
                 print(f"  {self.desc}: step {i}/{len(self.iterable)}, {last - t0:.0f} s  {self.text}", flush=True)
-
     def note(self, text):
         self.text = text
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
+        self.bar is not None and self.bar.set_postfix_str(text, refresh=False)
 
 # ==== Command line: every flag once, its default from the config above ===========================================
 
@@ -1649,8 +1680,7 @@ LEAST = dict(epochs=1, batch_size=2, img_size=16, patch_size=1, out_dim=2, worke
 def resolve(command, given, kind=None):
     """A run's config: the flags given (a dict, unset ones left out), then for finetune what the --init run used, then
     the preset's, then the defaults above. A resumed run takes its args.json, not another `kind`'s (tools/dino.py)."""
-    low = next((k for k, v in LEAST.items() if k in given and not v <= given[k] < math.inf), None)  # NaN included
-    if low:
+    if low := next((k for k, v in LEAST.items() if k in given and not v <= given[k] < math.inf), None):  # NaN too
         raise UserError(f"--{low.replace('_', '-')} {given[low]} cannot work: give a number from {LEAST[low]:g} up")
     if given.get("resume") and command in ("pretrain", "finetune"):
         saved = Path(given.get("out") or "") / "args.json"

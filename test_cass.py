@@ -777,7 +777,10 @@ def test_multiclass_metrics_equal_scikit_learn():
     assert got["f1_weighted"] == pytest.approx(M.f1_score(y, pred, average="weighted"))
     assert got["roc_auc_ovr"] == pytest.approx(M.roc_auc_score(y, probs, multi_class="ovr"))
     assert got["confusion_matrix"] == M.confusion_matrix(y, pred).tolist()
-    assert got["per_class"]["b"]["recall"] == pytest.approx(M.recall_score(y, pred, average=None)[1])
+    b = got["per_class"]["b"]  # class b against the rest, as clinicians report it
+    assert b["sensitivity"] == pytest.approx(M.recall_score(y, pred, average=None)[1])
+    assert b["specificity"] == pytest.approx(M.recall_score(y != 1, pred != 1))  # the recall of "not b"
+    assert b["auroc"] == pytest.approx(M.roc_auc_score(y == 1, probs[:, 1])) and "kappa_quadratic" not in got
 
 
 def test_multilabel_metrics_equal_scikit_learn():
@@ -793,7 +796,47 @@ def test_multilabel_metrics_equal_scikit_learn():
     assert got["f1_macro"] == pytest.approx(M.f1_score(y, pred, average="macro"))
     assert got["f1_samples"] == pytest.approx(M.f1_score(y, pred, average="samples"))
     assert got["mean_average_precision"] == pytest.approx(M.average_precision_score(y, probs, average="macro"))
-    assert got["per_label_f1"]["r"] == pytest.approx(M.f1_score(y[:, 2], pred[:, 2]))
+    assert got["per_class"]["r"]["f1"] == pytest.approx(M.f1_score(y[:, 2], pred[:, 2]))
+    assert got["per_class"]["r"]["specificity"] == pytest.approx(M.recall_score(1 - y[:, 2], 1 - pred[:, 2]))
+    assert got["roc_auc_ovr"] == pytest.approx(M.roc_auc_score(y, probs, average="macro"))
+
+
+def test_graded_classes_get_the_quadratic_weighted_kappa_of_their_grades():
+    from sklearn import metrics as M
+
+    rng = np.random.default_rng(2)
+    probs, y = rng.dirichlet(np.ones(5), 60), rng.integers(0, 5, 60)
+    got = cass.classification_metrics(probs, np.eye(5)[y], False, ["0", "1", "2", "3", "4"])  # RetinaMNIST's grades
+    assert got["kappa_quadratic"] == pytest.approx(M.cohen_kappa_score(y, probs.argmax(1), weights="quadratic"))
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_resampled_metrics_equal_scikit_learn_on_the_resample_written_out(multilabel):
+    # each image weighs how often a resample drew it: the metrics must be those of the images repeated that often
+    rng = np.random.default_rng(3)
+    probs = np.round(rng.dirichlet(np.ones(4), 80), 1)  # rounded: tied scores, which AUROC counts as half
+    y = (rng.random((80, 4)) > 0.5) if multilabel else np.eye(4, dtype=bool)[rng.integers(0, 4, 80)]
+    chosen = probs > 0.5 if multilabel else np.eye(4, dtype=bool)[probs.argmax(1)]
+    w = rng.integers(0, 3, (1, 80)).astype(float)
+    got = cass.resampled_metrics(probs, y, chosen, w)
+    drawn = np.repeat(np.arange(80), w[0].astype(int))
+    want = cass.classification_metrics(probs[drawn], y[drawn].astype(float), multilabel, list("abcd"))
+    for key in ("f1_macro", "roc_auc_ovr") + (() if multilabel else ("balanced_accuracy",)):
+        assert got[key][0] == pytest.approx(want[key]), key
+
+
+def test_the_headline_gets_a_bootstrap_interval_that_holds_it_and_narrows_with_more_images():
+    rng = np.random.default_rng(4)
+    width = {}
+    for n in (40, 1000):
+        y = rng.integers(0, 3, n)
+        probs = np.eye(3)[np.where(rng.random(n) < 0.7, y, rng.integers(0, 3, n))] * 0.6 + 0.4 * rng.dirichlet(
+            np.ones(3), n)
+        got = cass.classification_metrics(probs, np.eye(3)[y], False, list("abc"), interval="f1_macro")
+        (lo, hi), (alo, ahi) = got["ci95"]["f1_macro"], got["ci95"]["roc_auc_ovr"]
+        assert lo < got["f1_macro"] < hi and alo < got["roc_auc_ovr"] < ahi
+        width[n] = hi - lo
+    assert width[1000] < width[40] / 3  # about sqrt(25) = 5 times narrower
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement():
@@ -885,7 +928,7 @@ def test_pretrain_then_finetune_at_ten_percent_then_evaluate_as_a_user_would(tmp
     first = out.splitlines()[0]
     assert "train_10pct" in first and "at 32 px" in first and "at most 2 epochs" in first and "p/splits" in first
     code, out = run(["evaluate", "--ckpt", str(tmp_path / "f" / "best.pt"), "--device", "cpu"])
-    assert code == 0 and "f1_macro" in out, out
+    assert code == 0 and "f1_macro" in out and "95% CI" in out and "specificity" in out, out
 
 
 def test_predict_writes_class_probabilities_and_labels_of_new_images_as_evaluation_sees_them(tmp_path):
@@ -911,6 +954,42 @@ def test_predict_writes_class_probabilities_and_labels_of_new_images_as_evaluati
     assert cass.main(["predict", "--ckpt", tmp_path / "f", "--images", rows[0][0], "--out", tmp_path / "one.csv",
                       "--device", "cpu", "--workers", "0"]) == 0  # one image
     assert cass.read_csv(tmp_path / "one.csv")[1] == rows[:1]
+
+
+def test_predict_puts_the_known_class_beside_the_prediction_for_images_in_class_folders_or_a_labelled_csv(tmp_path):
+    root = write_folder(tmp_path / "data", n=10)
+    assert cass.main([*FINETUNE, "--data", "folder", "--root", root, "--splits", "auto", "--init", "random", "--arm",
+                      "cnn", "--epochs", "1", "--out", tmp_path / "f"]) == 0
+    code, out = run(["predict", "--ckpt", tmp_path / "f", "--images", root, "--out", tmp_path / "p.csv", "--device",
+                     "cpu", "--workers", "0"])
+    header, rows, _ = cass.read_csv(tmp_path / "p.csv")
+    assert code == 0 and header == ["image", "a", "b", "c", "predicted", "label"] and len(rows) == 30
+    assert all(r[5] == Path(r[0]).parent.name for r in rows)  # the class folder each image sits in
+    right = sum(r[4] == r[5] for r in rows)
+    assert f"; {right} of the 30 with a label predicted right" in out, out
+    write_csv(tmp_path / "l.csv", [["image", "label"]] + [[r[0], r[5]] for r in rows[:5]])  # a CSV with its labels
+    assert cass.main(["predict", "--ckpt", tmp_path / "f", "--images", tmp_path / "l.csv", "--out", tmp_path / "q.csv",
+                      "--device", "cpu", "--workers", "0"]) == 0
+    assert cass.read_csv(tmp_path / "q.csv")[1] == rows[:5]
+
+
+def test_a_small_dataset_is_said_on_the_first_line_and_its_batch_fitted_so_that_no_third_is_dropped(tmp_path):
+    assert cass.fitted_batch(98, 64) == 49 and cass.fitted_batch(40, 64) == 40  # 34 of 98 dropped each epoch, else
+    assert cass.fitted_batch(1439, 64) == 64 and cass.fitted_batch(5140, 16) == 16  # digits, the paper's brain MRI
+    assert cass.fitted_batch(98, 64, world=4) % 4 == 0
+    root = write_folder(tmp_path / "data", n=8)  # 18 training images, 3 validation, 3 test
+    code, out = run([*PRETRAIN, "--data", "folder", "--root", str(root), "--splits", "auto", "--epochs", "1",
+                     "--batch-size", "16", "--out", str(tmp_path / "p")])
+    assert code == 0, out
+    head = out[out.index("CASS pretraining"):].splitlines()
+    assert "global batch 9 on" in head[0] and head[1].startswith("note: batch 9, not 16")
+    assert "small data (18 training, 3 monitor query images, under 100)" in head[2], head
+    code, out = run(["finetune", "--init", str(tmp_path / "p"), "--arm", "cnn", "--epochs", "1", "--workers", "0",
+                     "--out", str(tmp_path / "f")])
+    assert code == 0 and "small data (18 training, 3 validation, 3 test images" in out, out
+    test = json.load(open(tmp_path / "f" / "metrics.json"))["test"]
+    lo, hi = test["ci95"]["f1_macro"]
+    assert lo <= test["f1_macro"] <= hi and f"(95% CI {lo:.4f} to {hi:.4f})" in out
 
 
 # ------------------------------------------------------------------------------------------
@@ -2047,9 +2126,9 @@ def test_a_run_that_ends_while_another_starts_into_its_folder_is_never_written_o
     assert snapshot(out) == finished  # A's run as it ended: its log, args.json, splits and results
 
 
-def _nan_loss(m):  # pretraining's loss becomes NaN in the second epoch (two steps an epoch)
+def _nan_loss(m):  # pretraining's loss becomes NaN in the second epoch (three steps an epoch: 18 images, batch 6)
     real, steps = cass.objective, []
-    m.setattr(cass, "objective", lambda cfg, r, t: real(cfg, r, t) * (math.nan if steps.append(1) or len(steps) > 2
+    m.setattr(cass, "objective", lambda cfg, r, t: real(cfg, r, t) * (math.nan if steps.append(1) or len(steps) > 3
                                                                       else 1))
     return RUN_ARGS["pretrain"][:-1] + ["2"], "epoch 2"
 

@@ -1602,20 +1602,17 @@ SPLITS = ("committed (data_splits/<data> beside cass.py), auto (stratified, from
           "split files (default: committed where data_splits/<data> exists, else auto")
 FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict; default; help, or per command
     # {letter: help, "": the others'}; argparse options). A help that states its default is shown as it is.
-    "data": ("pfe", "digits", {"": DATA, "f": DATA + " (default: the --init run's)", "e": DATA + " (default: the "
-             "checkpoint's)"}, dict(choices=list(DATASETS))),
-    "root": ("pfe", None, {"": "the dataset's folder (the .csv file for csv)", "f": "the dataset's "
-             "folder (default: the --init run's)", "e": "the dataset's folder (default: the checkpoint's)"}, {}),
-    "splits": ("pfe", None, {"": SPLITS + ")", "f": SPLITS + "; with a run folder as --init: its own)", "e": SPLITS +
-               "; for the checkpoint's own dataset: its run's)"}, {}),
+    "data": ("pfe", "digits", {"": DATA, "e": DATA + " (default: the checkpoint's)"}, dict(choices=list(DATASETS))),
+    "root": ("pfe", None, {"": "the dataset's folder (the .csv file for csv)", "e": "the dataset's folder (default: the "
+             "checkpoint's)"}, {}),
+    "splits": ("pfe", None, {"": SPLITS + ")", "e": SPLITS + "; for the checkpoint's own dataset: its run's)"}, {}),
     "preset": ("pf", "paper", {"": "paper: resnet50 + ViT-B/16 at 384 px from ImageNet weights (a GPU and the Hugging "
                "Face hub); tiny: small encoders at 64 px from random weights, for a CPU. A flag overrides its preset",
-               "f": "paper or tiny (default: the --init run's, else paper)"}, dict(choices=["paper", "tiny"])),
+               "f": "paper or tiny"}, dict(choices=["paper", "tiny"])),
     "cnn": ("pf", PRESET, "timm CNN", {}),
     "vit": ("pf", PRESET, "timm ViT", {}),
     "patch_size": ("pf", PRESET, "ViT patch size (paper: the model's own, 16)", {}),
-    "img_size": ("pf", PRESET, {"": "image side in pixels", "f": "image side in pixels (default: the --init run's, "
-                 "else the preset's)"}, {}),
+    "img_size": ("pf", PRESET, "image side in pixels", {}),
     "out_dim": ("p", PRESET, "width of both heads, the outputs the loss compares", {}),
     "pretrained": ("p", PRESET, "start from ImageNet weights (from the Hugging Face hub, downloaded on first use)",
                    dict(action=argparse.BooleanOptionalAction)),
@@ -1650,10 +1647,9 @@ FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict; def
                   "below it, fp32 on a CPU", dict(choices=["auto", "fp32", "bf16", "fp16"])),
     "compile": ("p", False, "torch.compile both encoders (GPU: faster after a minute of compiling)", {}),
     "sync_bn": ("p", False, "under torchrun on CUDA: BatchNorm statistics over the global batch", {}),
-    "window": ("pf", None, {"": "DICOM: one window for every file, in the modality's units (CT, Hounsfield: brain "
-               "40,80, lung --window=-600,1500, bone 400,1800) (default: each file's own)", "f": "DICOM: one window "
-               "for every file (default: the --init run's, else each file's own)"}, dict(type=window_flag,
-                                                                                         metavar="CENTER,WIDTH")),
+    "window": ("pf", None, "DICOM: one window for every file, in the modality's units (CT, Hounsfield: brain 40,80, "
+               "lung --window=-600,1500, bone 400,1800) (default: each file's own)", dict(type=window_flag,
+                                                                                          metavar="CENTER,WIDTH")),
     "cache_images": ("pf", False, "decode and resize each image once, into a file in --cache-dir that runs share", {}),
     "cache_dir": ("pf", "~/.cache/cass", "where --cache-images keeps the decoded images (a file a dataset, size)", {}),
     "out": ("pfex", None, {"": "the run folder (default: a new one under runs/)", "e": "a JSON file for the metrics "
@@ -1735,11 +1731,14 @@ def preset_default(key, command):
     return f"paper: {PAPER[key]}; tiny: {TINY.get(key, PAPER[key])}"
 
 def flag_help(key, command):
-    """A flag's help for one command, ending with its default (unless required, or stated in the text)."""
+    """A flag's help for one command, ending with its default (unless required, or stated in the text); finetune takes
+    the INHERITED ones from the --init run first."""
     cmds, default, text, options = FLAGS[key]
     text = text.get(COMMANDS[command][0], text[""]) if isinstance(text, dict) else text
     default = preset_default(key, command) if default == PRESET else "none" if default is None else default
-    return text if options.get("required") or "(default: " in text else f"{text} (default: {default})"
+    text = text if options.get("required") or "(default: " in text else f"{text} (default: {default})"
+    return text.replace("(default: ", "(default: the --init run's, else ") if command == "finetune" and key in \
+        INHERITED else text
 
 def add_flag(parser, key, command, prefix=""):
     """A flag of FLAGS on a parser, cass.py's or a tool's. Where FLAGS gives no argparse options they follow from the

@@ -665,7 +665,7 @@ def test_help_shows_the_first_commands_and_each_command_only_its_own_text():
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     pretrain, finetune = (" ".join(commands[c].format_help().split()) for c in ("pretrain", "finetune"))
     assert "default: None" not in pretrain + finetune and "evaluate" not in pretrain
-    assert "torchrun" not in finetune and "one is needed" in finetune and "(default: the --init run's)" in finetune
+    assert "torchrun" not in finetune and "one is needed" in finetune and "(default: the --init run's, else digits)" in finetune
 
 
 @pytest.mark.skipif(not (SHARED / "brain_mri_224").is_dir(), reason="../shared/data is absent")

@@ -8,7 +8,6 @@ cass.py draws), so that every command of cass.py and every tool takes it as any 
     python tools/medmnist.py pathmnist.npz --out pathmnist
     python cass.py pretrain --data csv --root pathmnist/labels.csv --splits pathmnist/splits --preset tiny
 """
-import argparse
 import sys
 from pathlib import Path
 

@@ -597,36 +597,45 @@ def cosine_schedule(optimizer, cfg):
     epoch 16 and 1e-3 again at 32, so over 100 epochs SWA's last quarter spans a rise and a fall (the paper's, kept)."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["t_max"], eta_min=cfg["eta_min"])
 
-def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch):
-    """One epoch of CASS; returns the means of the loss and of the step's collapse statistics."""
-    cnn.train()
-    vit.train()
-    stats = torch.zeros(4, dtype=torch.float64, device=rt.device)  # sums: loss, spread cnn, spread vit, cosine
-    first, waited, ready = None, 0.0, time.perf_counter()  # the first step's loss; seconds waiting for the loader
-    bar = Progress(loader, f"epoch {epoch + 1}/{cfg['epochs']}", show=rt.rank == 0)
-    for step, (x, _, *a) in enumerate(bar, 1):
+def train_epoch(loader, step_loss, optimizer, scaler, scheduler, per_step, rt, desc, names=("loss",)):
+    """One epoch of steps, in one order: zero the gradients, step_loss(x, y) -> [loss, *statistics] under autocast (x:
+    the batch augmented on the device), backward, the optimiser, the schedule (per step, or once per epoch). Returns the
+    means of `names` (the loss first), the first and last step's loss, the steps and the seconds spent waiting for data."""
+    sums, first, waited, ready = 0, None, 0.0, time.perf_counter()  # sums and the first loss stay on the device
+    bar = Progress(loader, desc, show=rt.rank == 0)
+    for step, (x, y, *a) in enumerate(bar, 1):
         waited += time.perf_counter() - ready  # the CPU side (decoding, collating) was behind the step
-        x = normalize(on_device(x, a, rt))  # uint8 -> float [B, 3, H, W], one view for both arms
+        x = on_device(x, a, rt)  # uint8 [B, 3, H, W] -> augmented float, 0-255
         optimizer.zero_grad(set_to_none=True)  # every step (the notebooks never zero the gradients)
         with rt.autocast():
-            r, t = cnn(x), vit(x)  # [B, D] outputs of the CNN and of the ViT
-            loss = objective(cfg, r, t)  # gradients reach both encoders
+            loss, *stats = step_loss(x, y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        if cfg["sched_unit"] == "step" or step == len(loader):  # once per epoch, or per step as the notebooks
+        if per_step or step == len(loader):  # once per epoch, or per step as the notebooks
             scheduler.step()
-        with torch.no_grad():  # statistics stay on the device; read back every LOG_EVERY steps
-            cos = (F.normalize(r.float(), dim=-1) * F.normalize(t.float(), dim=-1)).sum(-1).mean()
-            stats += torch.stack([loss.detach(), output_spread(r), output_spread(t), cos]).double()
-            first = loss.detach() if first is None else first
+        with torch.no_grad():  # read back every LOG_EVERY steps: the device runs ahead of the host in between
+            sums, first = sums + torch.stack([loss.detach(), *stats]).double(), loss.detach() if first is None else first
         if step % LOG_EVERY == 0 or step == len(loader):
-            mean = read_stats(stats / step, rt, f"epoch {epoch + 1}, by step {step}")
-            bar.note(f"loss {mean[0]:.4f} spread {mean[1]:.4f}/{mean[2]:.4f} cos {mean[3]:.3f}")
+            mean = read_stats(sums / step, rt, f"{desc}, by step {step}")
+            bar.note(" ".join(f"{n} {v:.4f}" for n, v in zip(names, mean)))
         ready = time.perf_counter()
-    first, last = read_stats(torch.stack([first, loss.detach()]).double(), rt, f"epoch {epoch + 1}")
-    return dict(loss=mean[0], loss_first_step=first, loss_last_step=last, std_cnn=mean[1], std_vit=mean[2],
-                cos_cnn_vit=mean[3], steps=step, data_seconds=waited)
+    first, last = read_stats(torch.stack([first, loss.detach()]).double(), rt, desc)
+    return dict(zip(names, mean), loss_first_step=first, loss_last_step=last, steps=step, data_seconds=waited)
+
+def pretrain_epoch(cnn, vit, loader, optimizer, scaler, scheduler, rt, cfg, epoch):
+    """One epoch of CASS; returns the means of the loss and of the step's collapse statistics (train_epoch)."""
+    cnn.train()
+    vit.train()
+    def step(x, _):
+        x = normalize(x)  # one view for both arms
+        r, t = cnn(x), vit(x)  # [B, D] outputs of the CNN and of the ViT
+        with torch.no_grad():
+            cos = (F.normalize(r.float(), dim=-1) * F.normalize(t.float(), dim=-1)).sum(-1).mean()
+            stats = output_spread(r), output_spread(t), cos
+        return objective(cfg, r, t), *stats  # eq. 1: gradients reach both encoders
+    return train_epoch(loader, step, optimizer, scaler, scheduler, cfg["sched_unit"] == "step", rt,
+                       f"epoch {epoch + 1}/{cfg['epochs']}", ("loss", "std_cnn", "std_vit", "cos_cnn_vit"))
 
 def pretrain(cfg):
     """CASS pretraining with a resolved config (`resolve`); returns the run folder."""
@@ -759,26 +768,6 @@ def format_epoch(r, cfg):
 
 # ==== Fine-tuning (paper 4.2, B.2): one arm, focal loss, Adam 3e-4, cosine, early stopping =======================
 
-def finetune_epoch(model, loader, optimizer, scaler, weights, rt, cfg, prep, desc):
-    """One fine-tuning epoch; returns the mean training loss. weights: targets -> term_weights(...), or None."""
-    model.train()
-    total = torch.zeros(1, dtype=torch.float64, device=rt.device)
-    bar = Progress(loader, desc)
-    for step, (x, y, *a) in enumerate(bar, 1):
-        x, y = on_device(x, a, rt), y.to(rt.device, non_blocking=True)  # augmented (B.2.1); linear mode's features not
-        optimizer.zero_grad(set_to_none=True)
-        with rt.autocast():
-            logits = model(prep(x))  # [B, C]
-            loss = focal_loss(logits, y, cfg["focal_alpha"], cfg["focal_gamma"], weights and weights(y))  # B.2.2
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total += loss.detach()
-        if step % LOG_EVERY == 0 or step == len(loader):
-            mean = read_stats(total / step, rt, f"{desc}, by step {step}")[0]
-            bar.note(f"loss {mean:.4f}")
-    return mean
-
 def early_stopping(stop, val_loss, epoch):
     """Early stopping on the validation loss (paper 4.2): {best, best_epoch, bad (epochs since)} after an epoch."""
     return dict(best=val_loss, best_epoch=epoch, bad=0) if val_loss < stop["best"] else {**stop, "bad": stop["bad"] + 1}
@@ -900,6 +889,9 @@ def finetune(cfg):
     saved = restore(state, out) if cfg["resume"] else None
     start, best, stop = (saved["epoch"], saved["best"], saved["early_stopping"]) if saved else \
         (0, clone(trainable), dict(best=math.inf, best_epoch=-1, bad=0))
+    def step(x, y):  # focal loss on the logits [B, C] (paper B.2.2); linear mode's features are not augmented
+        y = y.to(rt.device, non_blocking=True)
+        return [focal_loss(trainable(prep(x)), y, cfg["focal_alpha"], cfg["focal_gamma"], weights(y))]
     headline = HEADLINE.get(cfg["data"], "f1_macro")
     with claim_run_folder(out, cfg, rt, splits, table, saved) as run:
         patch = f" with patch {kw['patch_size']}" if kw.get("patch_size") else ""
@@ -913,10 +905,10 @@ def finetune(cfg):
                 break
             sampler.set_epoch(epoch)
             t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
-            loss = finetune_epoch(trainable, train_loader, optimizer, scaler, weights, rt, cfg, prep,
-                                  f"epoch {epoch + 1}/{cfg['epochs']}")
+            trainable.train()
+            loss = train_epoch(train_loader, step, optimizer, scaler, scheduler, False, rt,
+                               f"epoch {epoch + 1}/{cfg['epochs']}")["loss"]
             seconds = time.perf_counter() - t0
-            scheduler.step()  # once per epoch
             logits, targets = logits_of(trainable, eval_loader["val"], rt, prep)
             val_loss = float(focal_loss(logits, targets, cfg["focal_alpha"], cfg["focal_gamma"], weights(targets)))
             val = classification_metrics(probabilities(logits, table.multilabel).numpy(), targets.numpy(),

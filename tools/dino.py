@@ -98,35 +98,24 @@ def bottleneck(learner):
 
 
 def dino_epoch(learner, loader, optimizer, scaler, scheduler, rt, cfg, desc):
-    """One epoch of DINO on one arm; returns the means of the loss and of the spread of the student's bottleneck."""
+    """One epoch of DINO on one arm, in cass.train_epoch's steps; returns the means of the loss and of the spread of
+    the student's bottleneck."""
     learner.train()
-    stats = torch.zeros(2, dtype=torch.float64, device=rt.device)  # sums: loss, spread of the student's bottleneck
-    first, outputs = None, []
+    outputs = []
     hook = bottleneck(learner)[-1].register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
-    bar = cass.Progress(loader, desc)
+    follow = optimizer.register_step_post_hook(lambda *_: learner.update_moving_average())  # the teacher and the
+    # centre follow the student after each of its steps
+
+    def step(x, _):
+        outputs.clear()
+        loss = learner(x / 255)  # [0, 1]: Dino normalises by itself; local crops to the student, global to the teacher
+        return loss, cass.output_spread(outputs[0])
     try:
-        for step, (x, _) in enumerate(bar, 1):
-            x = x.to(rt.device, non_blocking=True).float() / 255  # uint8 -> [0, 1]: Dino normalises by itself
-            outputs.clear()
-            optimizer.zero_grad(set_to_none=True)
-            with rt.autocast():
-                loss = learner(x)  # two local crops through the student, two global ones through the teacher
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            learner.update_moving_average()  # the teacher's parameters and the centre follow, every step
-            if cfg["sched_unit"] == "step" or step == len(loader):  # as in cass.pretrain_epoch
-                scheduler.step()
-            with torch.no_grad():  # statistics stay on the device; read back every LOG_EVERY steps
-                stats += torch.stack([loss.detach(), cass.output_spread(outputs[0])]).double()
-                first = loss.detach() if first is None else first
-            if step % cass.LOG_EVERY == 0 or step == len(loader):
-                mean = cass.read_stats(stats / step, rt, f"{desc}, by step {step}")
-                bar.note(f"loss {mean[0]:.4f} spread {mean[1]:.4f}")
+        return cass.train_epoch(loader, step, optimizer, scaler, scheduler, cfg["sched_unit"] == "step", rt, desc,
+                                ("loss", "std"))
     finally:
         hook.remove()
-    first, last = cass.read_stats(torch.stack([first, loss.detach()]).double(), rt, desc)
-    return dict(loss=mean[0], loss_first_step=first, loss_last_step=last, std=mean[1], steps=step)
+        follow.remove()
 
 
 def run_pass(cfg, arm, loader, sampler, mon, rt, run, resume):

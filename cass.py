@@ -1481,8 +1481,7 @@ def check_output(path, inputs=(), overwrite=False, folder=False):
 @contextlib.contextmanager
 def claim_run_folder(out, cfg, rt, splits, table, saved=None):
     """The run folder, made once the checks have passed and held by a lock file while the run lasts (nothing in it is
-    touched before); it gets the run's splits and args.json. `saved`: what restore() read from last.pt. Yields a Run.
-    Ctrl-C or SIGTERM inside: the finished epochs are in last.pt, and the message says what to do."""
+    touched before); it gets the run's splits and args.json. `saved`: what restore() read from last.pt. Yields a Run."""
     run = Run(out)
     if rt.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -1505,8 +1504,11 @@ def claim_run_folder(out, cfg, rt, splits, table, saved=None):
                 write_splits(table, splits, out / "splits")
             write_json(cfg, out / "args.json")
         yield run
-    except KeyboardInterrupt:
-        raise interrupted(run) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (run_command): say what the folder holds, last.pt whole
+        wait_written(run)
+        raise KeyboardInterrupt("interrupted; " + (f"{out}/last.pt holds the finished epochs: continue with the same "
+                                "command plus --resume" if (out / "last.pt").is_file() else "no epoch had finished: "
+                                "run the same command again")) from None
     finally:
         try:
             wait_written(run)  # last.pt whole before another run can take the folder
@@ -1545,13 +1547,6 @@ def restore(state, out):
         state[name].load_state_dict(saved[name])  # not in last.pt (a copy of saved weights), it starts afresh
     torch.set_rng_state(saved["rng"])
     return saved
-
-def interrupted(run):
-    """What to do after Ctrl-C or SIGTERM, from what the run folder holds (a folder may hold several passes)."""
-    wait_written(run)  # last.pt of the finished epochs, whole
-    return KeyboardInterrupt("interrupted; " + (f"{run.out}/last.pt holds the finished epochs: continue with the same "
-                             "command plus --resume" if (run.out / "last.pt").is_file() else "no epoch had finished: "
-                             "run the same command again"))
 
 def finish_run(run, cfg, message):
     """last.pt only serves resuming (268 MB at the tiny preset, ~2 GB at the paper's): it goes unless --keep-last."""
@@ -1715,19 +1710,14 @@ def init_config(init):
     base = {k: cfg[k] for k in INHERITED if k in cfg and cfg[k] is not None}
     return {**base, "splits": str(folder / "splits")} if (folder / "splits" / "train.csv").is_file() else base
 
-def preset_default(key, command):
-    """A preset's default as --help shows it: the paper's value and the tiny preset's."""
-    if command not in ("pretrain", "finetune"):
-        return PAPER[key]
-    key = "ft_" + key if command == "finetune" and key in ("epochs", "batch_size", "lr") else key
-    return f"paper: {PAPER[key]}; tiny: {TINY.get(key, PAPER[key])}"
-
 def flag_help(key, command):
-    """A flag's help for one command, ending with its default (unless required, or stated in the text); finetune takes
-    the INHERITED ones from the --init run first."""
+    """A flag's help for one command, ending with its default (unless required, or stated in the text): a preset's, the
+    paper's value and the tiny one; finetune takes the INHERITED ones from the --init run first."""
     cmds, default, text, options = FLAGS[key]
     text = text.get(COMMANDS[command][0], text[""]) if isinstance(text, dict) else text
-    default = preset_default(key, command) if default == PRESET else "none" if default is None else default
+    ft = "ft_" + key if command == "finetune" and key in ("epochs", "batch_size", "lr") else key
+    default = "none" if default is None else default if default != PRESET else PAPER[key] if command not in (
+        "pretrain", "finetune") else f"paper: {PAPER[ft]}; tiny: {TINY.get(ft, PAPER[ft])}"
     text = text if options.get("required") or "(default: " in text else f"{text} (default: {default})"
     return text.replace("(default: ", "(default: the --init run's, else ") if command == "finetune" and key in \
         INHERITED else text

@@ -254,10 +254,14 @@ def test_collapse_is_judged_on_the_validation_monitor_too():
 
 
 def test_an_interrupted_run_points_to_resume_only_when_last_pt_holds_finished_epochs(tmp_path):
-    assert "--resume" not in str(cass.interrupted(cass.Run(tmp_path))) and "no epoch had finished" in str(
-        cass.interrupted(cass.Run(tmp_path)))
-    (tmp_path / "last.pt").write_bytes(b"")
-    assert "continue with the same command plus --resume" in str(cass.interrupted(cass.Run(tmp_path)))
+    def interrupt(resume):  # Ctrl-C inside the held run folder
+        cfg, table = dict(root=None, resume=resume), cass.Table("t", ["a", "b"], False, {}, [])
+        with pytest.raises(KeyboardInterrupt) as e, cass.claim_run_folder(tmp_path / "r", cfg, CPU, {}, table):
+            raise KeyboardInterrupt
+        return str(e.value)
+    assert "--resume" not in interrupt(False) and "no epoch had finished" in interrupt(False)
+    (tmp_path / "r" / "last.pt").write_bytes(b"")
+    assert "continue with the same command plus --resume" in interrupt(True)
 
 
 def test_collapse_is_said_on_the_epoch_line():

@@ -251,10 +251,10 @@ SMALL = 100  # a split with fewer images is said out loud: one image moves an ac
 def small_data(sizes, n=0, batch=0, asked=0):
     """The note a run's first line ends with when a split is small ({name: images}) or the batch was fitted."""
     few = ", ".join(f"{v} {k}" for k, v in sizes.items() if v < SMALL)
-    return (f"\nnote: batch {batch}, not {asked}, so that each epoch sees all but {n % batch} of the {n} images"
-            if batch != asked else "") + (f"\nnote: small data ({few} images, under {SMALL}): one image moves an "
-                                          "accuracy on n images by 1/n; the test metric comes with a 95% bootstrap "
-                                          "interval, the monitor with its standard error" if few else "")
+    fitted = f"\nnote: batch {batch}, not {asked}, so that each epoch sees all but {n % batch} of the {n} images"
+    return (fitted if batch != asked else "") + (f"\nnote: small data ({few} images, under {SMALL}): one image moves "
+        "an accuracy on n images by 1/n; the test metric has a 95% bootstrap interval, the monitor its standard error"
+        if few else "")
 
 # ==== Augmentations (paper B.1.2; the same for fine-tuning, B.2.1): drawn per image, applied to the batch ========
 
@@ -1251,17 +1251,14 @@ def table_isic2019(root, gt_csv=None):
     if not gt_csv.is_file():
         raise UserError(f"{gt_csv} does not exist; --data isic2019 expects ROOT/ISIC_2019_Training_Input/ISIC_*.jpg "
                         "and ROOT/ISIC_2019_Training_GroundTruth.csv")
-    header, rows, lines = read_csv(gt_csv)
-    n = 1 + len(ISIC_CLASSES)
-    if header[:n] != ["image", *ISIC_CLASSES]:
-        raise UserError(f"{gt_csv} has the columns {','.join(header[:10])}; the ISIC 2019 ground truth has "
-                        f"image,{','.join(ISIC_CLASSES)},UNK (UNK, empty in the training set, may be left out)")
-    classes, _, labels = _csv_labels(gt_csv, header[:n], [r[:n] for r in rows], lines)
-    bad = [k for k, v in labels.items() if v.sum() != 1]
-    if bad:
-        raise UserError(f"{gt_csv}: {len(bad)} rows are not one-hot, e.g. {', '.join(bad[:3])}")
-    return Table("isic2019", classes, False, labels, list(dict.fromkeys(r[0] for r in rows)),
-                 image_dir=str(Path(root) / "ISIC_2019_Training_Input"), suffix=".jpg")
+    t = table_csv(gt_csv, "isic2019")  # a column per class, and UNK (empty in the training set; may be left out)
+    bad = [k for k, v in t.labels.items() if v[:8].sum() != 1] if t.classes[:8] == ISIC_CLASSES else []
+    if t.classes[:8] != ISIC_CLASSES or bad:
+        raise UserError(f"{gt_csv} is not the ISIC 2019 ground truth, image,{','.join(ISIC_CLASSES)},UNK with one class "
+                        "a row: " + (f"{len(bad)} rows are not one-hot, e.g. {', '.join(bad[:3])}" if bad else
+                                     f"its columns are image,{','.join(t.classes[:9])}"))
+    return replace(t, classes=ISIC_CLASSES, labels={k: v[:8] for k, v in t.labels.items()}, suffix=".jpg",
+                   image_dir=str(Path(root) / "ISIC_2019_Training_Input"))
 
 def table_digits(root=None):
     from sklearn.datasets import load_digits  # ships inside scikit-learn: no download

@@ -144,11 +144,9 @@ def make_splits(table, seed=0, val_fraction=0.1, test_fraction=0.1):
 def missing_images(table, keys):
     """The keys whose image is absent (one stat per file: datasets hold 25,000); 0-byte files stop the run."""
     def size(k):  # -1: absent
-        name, _, i = k.partition("/")
-        if table.arrays is not None:
-            return 1 if name in table.arrays and i.isdigit() and int(i) < len(table.arrays[name]) else -1
-        with contextlib.suppress(OSError):
-            return table.path(k).stat().st_size
+        name, _, i = k.partition("/")  # the built-in digits: "array/index"
+        with contextlib.suppress(OSError, LookupError, ValueError):
+            return table.path(k).stat().st_size if table.arrays is None else table.arrays[name][int(i)].size
         return -1
     sizes = {k: size(k) for k in keys}
     if empty := [k for k, n in sizes.items() if n == 0]:
@@ -196,7 +194,7 @@ def image_tensor(img, size):
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
 
 def decode_image(table, key, size):
-    name, _, index = key.partition("/")  # the built-in digits: "array/index"
+    name, _, index = key.partition("/")
     return image_tensor(table.arrays[name][int(index)] if table.arrays is not None else
                         read_image(table.path(key), table.window, size), size)
 
@@ -496,8 +494,7 @@ def weighted_auroc(score, positive, w):
     return (pos * (np.cumsum(neg, 1) - neg / 2)).sum(1) / (pos.sum(1) * neg.sum(1))
 
 def output_spread(z):
-    """Mean per-dimension std of the L2-normalised outputs [B, D], a tensor: about 1/sqrt(D) when they spread
-    over the sphere, 0 when every image gets the same vector (collapse)."""
+    """Mean per-dimension std of the L2-normalised outputs [B, D]: ~1/sqrt(D) spread over the sphere, 0 collapsed."""
     z = F.normalize(z.float(), dim=-1)
     return z.std(dim=0).mean() if len(z) > 1 else torch.tensor(float("nan"), device=z.device)
 
@@ -519,8 +516,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k=20):
 
 @torch.no_grad()
 def encode(models, loader, rt):
-    """{name: (pooled features [N, F], head outputs [N, D], targets)} of each of `models` ({name: model}),
-    unaugmented, in eval mode, in one pass over the loader."""
+    """{name: (pooled features [N, F], head outputs [N, D], targets)} of `models`, unaugmented, in one pass."""
     models, got, ys = {a: unwrap(m) for a, m in models.items()}, {a: [] for a in models}, []
     was = {a: m.training for a, m in models.items()}
     for m in models.values():
@@ -600,7 +596,7 @@ def cosine_schedule(optimizer, cfg):
 def train_epoch(loader, step_loss, optimizer, scaler, scheduler, per_step, rt, desc, names=("loss",)):
     """One epoch of steps, in one order: zero the gradients, step_loss(x, y) -> [loss, *statistics] under autocast (x:
     the batch augmented on the device), backward, the optimiser, the schedule (per step, or once per epoch). Returns the
-    means of `names` (the loss first), the first and last step's loss, the steps and the seconds spent waiting for data."""
+    means of `names` (the loss first), the first and last step's loss, the steps and the seconds spent awaiting data."""
     sums, first, waited, ready = 0, None, 0.0, time.perf_counter()  # sums and the first loss stay on the device
     bar = Progress(loader, desc, show=rt.rank == 0)
     for step, (x, y, *a) in enumerate(bar, 1):
@@ -615,7 +611,8 @@ def train_epoch(loader, step_loss, optimizer, scaler, scheduler, per_step, rt, d
         if per_step or step == len(loader):  # once per epoch, or per step as the notebooks
             scheduler.step()
         with torch.no_grad():  # read back every LOG_EVERY steps: the device runs ahead of the host in between
-            sums, first = sums + torch.stack([loss.detach(), *stats]).double(), loss.detach() if first is None else first
+            sums = sums + torch.stack([loss.detach(), *stats]).double()
+            first = loss.detach() if first is None else first
         if step % LOG_EVERY == 0 or step == len(loader):
             mean = read_stats(sums / step, rt, f"{desc}, by step {step}")
             bar.note(" ".join(f"{n} {v:.4f}" for n, v in zip(names, mean)))
@@ -726,8 +723,7 @@ def pretrain(cfg):
 
 @torch.no_grad()
 def recompute_batchnorm(model, loader, rt):
-    """BatchNorm statistics of the (averaged) weights from a pass over the training images (torchrun: each process's
-    share, then their mean; none waits on another)."""
+    """BatchNorm statistics of the weights from a pass over the images (torchrun: each process's share, then mean)."""
     with rt.autocast():
         views = (normalize(on_device(x, a, rt)) for x, _, *a in Progress(loader, "BatchNorm"))  # as it trained
         torch.optim.swa_utils.update_bn(views, model, device=rt.device)
@@ -753,8 +749,7 @@ def format_monitor(m, head):
                                                              "knn_raw_pixels" in m else ")")
 
 def format_epoch(r, cfg):
-    """An epoch's lines: loss and collapse statistics; where the seconds went (the steps, the wait for data, the last
-    epoch's last.pt, the monitor) and so which side sets the pace."""
+    """An epoch's lines: loss, collapse statistics, where the seconds went and so which side sets the pace."""
     behind = r["data_seconds"] > r["seconds"] / 10
     line = (f"epoch {r['epoch']:3d}/{cfg['epochs']}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  spread cnn/vit "
             f"{r['std_cnn']:.4f}/{r['std_vit']:.4f} (healthy {r['std_healthy']:.4f})  cos {r['cos_cnn_vit']:.3f}  "
@@ -1008,8 +1003,7 @@ def evaluate(cfg):
     return result
 
 def format_metrics(m, headline):
-    """The metrics as a table: the headline first, 95% bootstrap intervals beside the metrics that have one, each class
-    against the rest below."""
+    """The metrics as a table: the headline first, 95% intervals beside, each class against the rest below."""
     ci = lambda k: f"   95% CI {m['ci95'][k][0]:.4f} to {m['ci95'][k][1]:.4f}" if k in m.get("ci95", {}) else ""  # noqa
     lines = [f"  {k:<24} {v:.4f}{ci(k)}{'   (headline)' if k == headline else ''}" for k, v in sorted(
         m.items(), key=lambda kv: kv[0] != headline) if isinstance(v, float)]
@@ -1214,8 +1208,7 @@ def read_csv(path):
     return header, [r for _, r in lines[1:]], [n for n, _ in lines[1:]]
 
 def _csv_labels(path, header, rows, lines):
-    """Labels from a `label` column or one 0/1 column per class; empty cells: unlabelled; two labels for one image:
-    refused."""
+    """Labels from a `label` column or a 0/1 column per class; empty cells: unlabelled; two for one image: refused."""
     if header[0] != "image":
         raise UserError(f"CSV {path} must start with an 'image' column; its header is {','.join(header[:5])}")
     first = {}  # image -> its first row
@@ -1254,8 +1247,8 @@ def table_isic2019(root, gt_csv=None):
     t = table_csv(gt_csv, "isic2019")  # a column per class, and UNK (empty in the training set; may be left out)
     bad = [k for k, v in t.labels.items() if v[:8].sum() != 1] if t.classes[:8] == ISIC_CLASSES else []
     if t.classes[:8] != ISIC_CLASSES or bad:
-        raise UserError(f"{gt_csv} is not the ISIC 2019 ground truth, image,{','.join(ISIC_CLASSES)},UNK with one class "
-                        "a row: " + (f"{len(bad)} rows are not one-hot, e.g. {', '.join(bad[:3])}" if bad else
+        raise UserError(f"{gt_csv} is not the ISIC 2019 ground truth, image,{','.join(ISIC_CLASSES)},UNK with one "
+                        "class a row: " + (f"{len(bad)} rows are not one-hot, e.g. {', '.join(bad[:3])}" if bad else
                                      f"its columns are image,{','.join(t.classes[:9])}"))
     return replace(t, classes=ISIC_CLASSES, labels={k: v[:8] for k, v in t.labels.items()}, suffix=".jpg",
                    image_dir=str(Path(root) / "ISIC_2019_Training_Input"))
@@ -1444,8 +1437,7 @@ def release(lock):
 
 @dataclass
 class Run:
-    """A run folder while this process writes it: the lock that holds it, and the write of last.pt that goes on beside
-    training (save_run; wait_written awaits it)."""
+    """A run folder while this process writes it: the lock that holds it, and the pending write of last.pt."""
     out: Path
     lock: object = None  # claim()'s open file; None on torchrun's other processes
     writing: object = None  # the Future of the last save_run
@@ -1587,8 +1579,8 @@ SPLITS = ("committed (data_splits/<data> beside cass.py), auto (stratified, from
 FLAGS = {  # flag: (commands: p pretrain, f finetune, e evaluate, x predict; default; help, or per command
     # {letter: help, "": the others'}; argparse options). A help that states its default is shown as it is.
     "data": ("pfe", "digits", {"": DATA, "e": DATA + " (default: the checkpoint's)"}, dict(choices=list(DATASETS))),
-    "root": ("pfe", None, {"": "the dataset's folder (the .csv file for csv)", "e": "the dataset's folder (default: the "
-             "checkpoint's)"}, {}),
+    "root": ("pfe", None, {"": "the dataset's folder (the .csv file for csv)", "e": "the dataset's folder (default: "
+             "the checkpoint's)"}, {}),
     "splits": ("pfe", None, {"": SPLITS + ")", "e": SPLITS + "; for the checkpoint's own dataset: its run's)"}, {}),
     "preset": ("pf", "paper", {"": "paper: resnet50 + ViT-B/16 at 384 px from ImageNet weights (a GPU and the Hugging "
                "Face hub); tiny: small encoders at 64 px from random weights, for a CPU. A flag overrides its preset",

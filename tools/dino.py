@@ -103,8 +103,8 @@ def dino_epoch(learner, loader, optimizer, scaler, scheduler, rt, cfg, desc):
     learner.train()
     outputs = []
     hook = bottleneck(learner)[-1].register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
-    follow = optimizer.register_step_post_hook(lambda *_: learner.update_moving_average())  # the teacher and the
-    # centre follow the student after each of its steps
+    # the teacher's parameters and the centre follow the student after each of its optimiser steps
+    follow = optimizer.register_step_post_hook(lambda *_: learner.update_moving_average())
 
     def step(x, _):
         outputs.clear()

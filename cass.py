@@ -249,10 +249,10 @@ SMALL = 100  # a split with fewer images is said out loud: one image moves an ac
 def small_data(sizes, n=0, batch=0, asked=0):
     """The note a run's first line ends with when a split is small ({name: images}) or the batch was fitted."""
     few = ", ".join(f"{v} {k}" for k, v in sizes.items() if v < SMALL)
-    fitted = f"\nnote: batch {batch}, not {asked}, so that each epoch sees all but {n % batch} of the {n} images"
-    return (fitted if batch != asked else "") + (f"\nnote: small data ({few} images, under {SMALL}): one image moves "
-        "an accuracy on n images by 1/n; the test metric has a 95% bootstrap interval, the monitor its standard error"
-        if few else "")
+    return (f"\nnote: batch {batch}, not {asked}, so that each epoch sees all but {n % batch} of the {n} images"
+            if batch != asked else "") + (f"\nnote: small data ({few} images, under {SMALL}): one image moves an "
+                                          "accuracy on n images by 1/n; the test metric comes with a 95% bootstrap "
+                                          "interval, the monitor with its standard error" if few else "")
 
 # ==== Augmentations (paper B.1.2; the same for fine-tuning, B.2.1): drawn per image, applied to the batch ========
 

@@ -1705,8 +1705,10 @@ def flag_help(key, command):
     cmds, default, text, options = FLAGS[key]
     text = text.get(COMMANDS[command][0], text[""]) if isinstance(text, dict) else text
     ft = "ft_" + key if command == "finetune" and key in ("epochs", "batch_size", "lr") else key
-    default = "none" if default is None else default if default != PRESET else PAPER[key] if command not in (
-        "pretrain", "finetune") else f"paper: {PAPER[ft]}; tiny: {TINY.get(ft, PAPER[ft])}"
+    if default == PRESET:  # the paper's value, and the tiny preset's where the command has --preset
+        default = f"paper: {PAPER[ft]}; tiny: {TINY.get(ft, PAPER[ft])}" if command in ("pretrain", "finetune") else \
+            PAPER[key]
+    default = "none" if default is None else default
     text = text if options.get("required") or "(default: " in text else f"{text} (default: {default})"
     return text.replace("(default: ", "(default: the --init run's, else ") if command == "finetune" and key in \
         INHERITED else text
